@@ -1,0 +1,177 @@
+"""Registries of models and guides, looked up by name.
+
+A model registers its plain Pyro model function and a ``build(**hparams)``
+that returns :class:`ModelParts` (its declared :class:`~ppl_models.spec.ModelSpec`
+and its networks).  A guide registers, for one model or for every model
+(``model="*"``), its plain guide function and a ``build(spec, num_data, **hparams)``
+that returns the guide's networks.  :func:`instantiate` binds the networks to
+the functions, giving a model and a guide with the same signature.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping
+
+from torch import nn
+
+from ppl_models.spec import ModelSpec
+
+__all__ = [
+    "ModelParts",
+    "ModelEntry",
+    "GuideEntry",
+    "Instance",
+    "register_model",
+    "register_guide",
+    "get_model",
+    "get_guide",
+    "model_names",
+    "guide_names",
+    "instantiate",
+    "UnknownNameError",
+]
+
+
+class UnknownNameError(KeyError):
+    """A name (model, guide, ELBO, optimizer, config key...) that is not registered."""
+
+    def __init__(self, kind: str, name: str, valid):
+        self.kind, self.name, self.valid = kind, name, sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid) or '(none)'}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+@dataclass
+class ModelParts:
+    """What a model's ``build`` returns."""
+
+    spec: ModelSpec
+    modules: Dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    model: Callable
+    build: Callable[..., ModelParts]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class GuideEntry:
+    name: str
+    model_name: str  # "*" for a generic guide built from the spec
+    guide: Callable
+    build: Callable[..., Dict[str, nn.Module]]
+    doc: str = ""
+
+
+@dataclass
+class Instance:
+    """A model and a guide with their networks bound: call both as ``f(*data, num_data=N)``."""
+
+    model_name: str
+    guide_name: str
+    spec: ModelSpec
+    model: Callable
+    guide: Callable
+    modules: nn.ModuleDict  # every network of model and guide, by name
+
+    def data_kwargs(self, num_data: int | None) -> dict:
+        return {} if num_data is None else {"num_data": num_data}
+
+
+_MODELS: Dict[str, ModelEntry] = {}
+_GUIDES: Dict[tuple, GuideEntry] = {}
+
+
+def register_model(name: str, *, model: Callable, build: Callable[..., ModelParts]) -> ModelEntry:
+    entry = ModelEntry(name, model, build, inspect.getdoc(model) or "")
+    _MODELS[name] = entry
+    return entry
+
+
+def register_guide(
+    name: str, *, model: str, guide: Callable, build: Callable[..., Dict[str, nn.Module]]
+) -> GuideEntry:
+    entry = GuideEntry(name, model, guide, build, inspect.getdoc(guide) or "")
+    _GUIDES[(model, name)] = entry
+    return entry
+
+
+#: Modules whose import registers the package's own models and guides.
+BUILTIN_MODULES = ("ppl_models.vae", "guides.mean_field", "guides.amortized", "guides.vae")
+
+
+def _load_builtins() -> None:
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
+
+
+def model_names():
+    _load_builtins()
+    return sorted(_MODELS)
+
+
+def get_model(name: str) -> ModelEntry:
+    _load_builtins()
+    if name not in _MODELS:
+        raise UnknownNameError("model", name, _MODELS)
+    return _MODELS[name]
+
+
+def guide_names(model_name: str):
+    _load_builtins()
+    return sorted({g for (m, g) in _GUIDES if m in (model_name, "*")})
+
+
+def get_guide(model_name: str, name: str) -> GuideEntry:
+    _load_builtins()
+    for key in ((model_name, name), ("*", name)):
+        if key in _GUIDES:
+            return _GUIDES[key]
+    raise UnknownNameError(f"guide for model {model_name!r}", name, guide_names(model_name))
+
+
+def check_kwargs(what: str, fn: Callable, kwargs: Mapping, skip=()) -> None:
+    """Raise one error naming each keyword ``fn`` does not take, with the valid ones."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if n not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise UnknownNameError(f"{what} hyperparameter", unknown[0], valid)
+
+
+def instantiate(
+    model_name: str,
+    guide_name: str,
+    *,
+    num_data: int | None,
+    model_kwargs: Mapping | None = None,
+    guide_kwargs: Mapping | None = None,
+) -> Instance:
+    """Build a model's and a guide's networks and bind them to the plain functions."""
+    model_kwargs, guide_kwargs = dict(model_kwargs or {}), dict(guide_kwargs or {})
+    entry = get_model(model_name)
+    check_kwargs(f"model {model_name!r}", entry.build, model_kwargs)
+    parts = entry.build(**model_kwargs)
+    gentry = get_guide(model_name, guide_name)
+    check_kwargs(f"guide {guide_name!r}", gentry.build, guide_kwargs, skip=("spec", "num_data"))
+    guide_modules = gentry.build(parts.spec, num_data=num_data, **guide_kwargs)
+    clash = set(parts.modules) & set(guide_modules)
+    if clash:
+        raise ValueError(f"model and guide both name a network {sorted(clash)}; rename one")
+    modules = nn.ModuleDict({**parts.modules, **guide_modules})
+    model = functools.partial(entry.model, **parts.modules)
+    guide = functools.partial(gentry.guide, **guide_modules)
+    functools.update_wrapper(model, entry.model)
+    functools.update_wrapper(guide, gentry.guide)
+    return Instance(model_name, guide_name, parts.spec, model, guide, modules)
