@@ -23,7 +23,7 @@ from torch import nn
 
 from guides.families import check_scale, row_size, site_distribution
 from ppl_models.registry import register_guide
-from ppl_models.spec import ModelSpec, data_plate
+from ppl_models.spec import ModelSpec, check_tensor, data_plate
 
 __all__ = ["MLPEncoder", "guide", "build"]
 
@@ -61,6 +61,7 @@ def guide(x: torch.Tensor, idx: torch.Tensor | None = None, *, encoder: MLPEncod
     :param num_data: size of the full data set.
     """
     spec = encoder.spec
+    check_tensor(spec.observed.name, x, event_shape=spec.observed.event_shape, support=spec.observed.support)
     pyro.module("encoder", encoder)
     params = encoder(x)
     with data_plate(x, idx, num_data, name=spec.data_plate):

@@ -80,6 +80,7 @@ def guide(x: torch.Tensor, idx: torch.Tensor | None = None, *, local_params: Loc
     :param num_data: ``N``.
     """
     spec = local_params.spec
+    check_tensor(spec.observed.name, x, event_shape=spec.observed.event_shape, support=spec.observed.support)
     if idx is None:
         if x.shape[0] != local_params.num_data:
             raise ValueError(

@@ -20,11 +20,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 from guides import mean_field
 from guides.families import check_scale, z_scale_from_raw
 from ppl_models.registry import register_guide
-from ppl_models.spec import ModelSpec, data_plate
+from ppl_models.spec import ModelSpec, check_tensor, data_plate
 from ppl_models.vae import mlp
 
 __all__ = ["Encoder", "guide", "build"]
@@ -36,7 +37,7 @@ class Encoder(nn.Module):
     def __init__(self, x_dim: int = 784, hidden_dims: Sequence[int] = (400,), z_dim: int = 20, scale: str = "softplus"):
         super().__init__()
         check_scale(scale)
-        self.scale = scale
+        self.scale, self.x_dim = scale, x_dim
         self.body = nn.Sequential(mlp([x_dim, *hidden_dims]), nn.ReLU())
         self.z_loc = nn.Linear(hidden_dims[-1], z_dim)
         self.z_scale = nn.Linear(hidden_dims[-1], z_dim)
@@ -54,6 +55,7 @@ def guide(x: torch.Tensor, idx: torch.Tensor | None = None, *, encoder: Encoder,
     :param encoder: the :class:`Encoder`, registered as ``"encoder"``.
     :param num_data: size of the full data set.
     """
+    check_tensor("x", x, event_shape=(encoder.x_dim,), support=constraints.unit_interval)
     pyro.module("encoder", encoder)
     z_loc, z_scale = encoder(x)
     with data_plate(x, idx, num_data):

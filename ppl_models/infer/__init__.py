@@ -1,0 +1,17 @@
+"""Inference: objectives and optimizers by name, the training engine, checkpoints."""
+
+from ppl_models.infer.engine import FitResult, NonFiniteLossError, Trainer, TrainingInterrupted, fit
+from ppl_models.infer.objectives import ELBO_NAMES, make_elbo
+from ppl_models.infer.optim import OPTIMIZER_NAMES, make_optimizer
+
+__all__ = [
+    "ELBO_NAMES",
+    "OPTIMIZER_NAMES",
+    "FitResult",
+    "NonFiniteLossError",
+    "Trainer",
+    "TrainingInterrupted",
+    "fit",
+    "make_elbo",
+    "make_optimizer",
+]

@@ -1,0 +1,508 @@
+"""The training engine: minibatch SVI for any model + guide + ELBO + data.
+
+One step on a minibatch of indices ``idx`` of a data set of size ``N``::
+
+    loss = -ELBO(model, guide; x[idx], idx, num_data=N)   # plates scale the batch by N / |idx|
+    loss.backward(); optimizer.step()
+
+The engine adds what a long run needs and nothing the model must know about:
+
+* every source of randomness is explicit and saved: the torch/Python/NumPy
+  generators Pyro samples from and the engine's own data generator (shuffling,
+  dynamic binarization) — so ``resume`` continues **bit-identically**;
+* an atomic checkpoint after every epoch (and on SIGINT/SIGTERM, mid-epoch),
+  loadable without executing pickled code (:mod:`ppl_models.infer.checkpoint`);
+* a progress bar with the running loss, a validation ELBO each epoch;
+* a non-finite loss stops training with an error naming the step, the site
+  whose log-density is not finite and any non-finite parameter, keeping the
+  last good checkpoint;
+* per-datapoint parameters (``nn.Embedding(sparse=True)``) are detected from
+  their sparse gradients and updated by the sparse optimizer, rows of the
+  batch only (:mod:`ppl_models.infer.optim`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from tqdm.auto import tqdm
+
+from ppl_models.infer.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ppl_models.infer.objectives import make_elbo
+from ppl_models.infer.optim import OPTIMIZER_NAMES, Optimizer, make_optimizer
+from ppl_models.registry import UnknownNameError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ppl_models.data import Dataset
+
+__all__ = ["Trainer", "fit", "FitResult", "NonFiniteLossError", "TrainingInterrupted"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step, the site and any bad parameter."""
+
+    def __init__(self, message: str, *, step: int, site: Optional[str], checkpoint: Optional[Path]):
+        super().__init__(message)
+        self.step, self.site, self.checkpoint = step, site, checkpoint
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; a checkpoint was written before stopping."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+        name = signal.Signals(signum).name
+        where = f"checkpoint written to {checkpoint}" if checkpoint else "no run directory, nothing saved"
+        super().__init__(f"training interrupted by {name} after step {step}; {where}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    history: Dict[str, list]
+    step: int
+    epoch: int
+    wall_time: float
+    checkpoint: Optional[Path] = None
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+_RESUME_KEYS = ("elbo", "num_particles", "optimizer", "lr", "batch_size", "seed", "num_data")
+
+
+@dataclass
+class Trainer:
+    """Minibatch SVI over ``train`` (see the module docstring).
+
+    :param model: a Pyro model ``model(*data, idx, num_data=N)``.
+    :param guide: its guide, same signature.
+    :param train: the training data (:class:`ppl_models.data.Dataset`).
+    :param valid: optional validation data; its ELBO per datapoint is reported each epoch.
+    :param elbo: objective name (:data:`ppl_models.infer.objectives.ELBO_NAMES`).
+    :param num_particles: samples per step (importance samples for IWAE).
+    :param optimizer: optimizer name (:data:`ppl_models.infer.optim.OPTIMIZER_NAMES`).
+    :param lr: learning rate.
+    :param batch_size: datapoints per step.
+    :param num_epochs: passes over ``train``.
+    :param max_steps: stop after this many steps in total (``None``: no limit).
+    :param seed: seeds Pyro's generators and the engine's data generator.
+    :param run_dir: where checkpoints and ``history.json`` go (``None``: nothing is written).
+    :param keep_last: checkpoints kept on disk.
+    :param progress: show a progress bar.
+    :param validate: ``"first"`` checks distribution arguments and site shapes (Pyro validation)
+        on the first step only, ``"always"`` on every step.
+    :param callback: called as ``callback(trainer, step, loss)`` after each step.
+    """
+
+    model: Callable
+    guide: Callable
+    train: Dataset
+    valid: Optional[Dataset] = None
+    elbo: str = "Trace_ELBO"
+    num_particles: int = 1
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    optimizer_kwargs: dict = field(default_factory=dict)
+    batch_size: int = 128
+    num_epochs: int = 10
+    max_steps: Optional[int] = None
+    seed: int = 0
+    run_dir: Optional[Path] = None
+    keep_last: int = 2
+    progress: bool = True
+    validate: str = "first"
+    valid_batch_size: int = 1000
+    log_every: int = 50
+    callback: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.validate not in ("first", "always"):
+            raise ValueError(f"validate: expected 'first' or 'always', received {self.validate!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, received {self.batch_size!r}")
+        if not isinstance(self.num_epochs, int) or self.num_epochs < 0:
+            raise ValueError(f"num_epochs: expected a non-negative integer, received {self.num_epochs!r}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise UnknownNameError("optimizer", self.optimizer, OPTIMIZER_NAMES)
+        self.num_data = int(self.train.num_data)
+        if self.num_data < 1:
+            raise ValueError("train: the training data set is empty")
+        self.run_dir = Path(self.run_dir) if self.run_dir is not None else None
+        self._elbo = make_elbo(self.elbo, num_particles=self.num_particles)
+        self._differentiable = hasattr(type(self._elbo), "differentiable_loss")
+        self._valid_elbo = make_elbo(self.elbo, num_particles=self.num_particles)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.step = 0
+        self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0
+        self.perm: Optional[torch.Tensor] = None
+        self.history: Dict[str, list] = {
+            "epoch": [],
+            "step": [],
+            "train_elbo": [],
+            "valid_elbo": [],
+            "epoch_time": [],
+            "log_step": [],
+            "log_train_elbo": [],
+        }
+        self._optim: Optional[Optimizer] = None
+        self._names: List[str] = []
+        self._epoch_loss_sum = 0.0
+        self._epoch_steps = 0
+        self._log_loss_sum = 0.0
+        self._log_steps = 0
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in _RESUME_KEYS}
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.num_data / self.batch_size)
+
+    @property
+    def checkpoint_dir(self) -> Optional[Path]:
+        return None if self.run_dir is None else self.run_dir / "checkpoints"
+
+    def _loss_kwargs(self) -> dict:
+        return {"num_data": self.num_data}
+
+    def _setup(self) -> None:
+        """Register every parameter and find the sparse ones, without touching any generator.
+
+        One loss and backward pass on the first rows, inside ``fork_rng`` and
+        with a throw-away data generator; then the optimizer is built.
+        """
+        if self._optim is not None:
+            return
+        idx = torch.arange(min(self.batch_size, self.num_data))
+        args = self.train.batch(idx, torch.Generator().manual_seed(self.seed))
+        with torch.random.fork_rng(devices=[]):
+            depth = _plate_depth(self.model, self.guide, args, idx, self._loss_kwargs())
+            for elbo in (self._elbo, self._valid_elbo):
+                if elbo.max_plate_nesting == float("inf"):
+                    elbo.max_plate_nesting = depth + int(elbo.vectorize_particles and elbo.num_particles > 1)
+            loss = self._loss_and_grads(args, idx)
+        if not math.isfinite(loss):
+            self._raise_non_finite(loss, args, idx, during="set-up")
+        store = pyro.get_param_store()
+        names = sorted(store.keys())
+        if not names:
+            raise ValueError("model and guide have no parameters to train (no pyro.param or pyro.module)")
+        named = [(n, store._params[n]) for n in names]
+        sparse_ids = {id(p) for _, p in named if p.grad is not None and p.grad.is_sparse}
+        for _, p in named:
+            p.grad = None
+        self._names = names
+        self._optim = make_optimizer(self.optimizer, named, lr=self.lr, sparse_ids=sparse_ids, **self.optimizer_kwargs)
+
+    # -------------------------------------------------------------- one step
+    def _loss_and_grads(self, args, idx) -> float:
+        if self._differentiable:
+            loss = self._elbo.differentiable_loss(self.model, self.guide, *args, idx, **self._loss_kwargs())
+            value = loss.item()
+            if math.isfinite(value):
+                loss.backward()
+            return value
+        return float(self._elbo.loss_and_grads(self.model, self.guide, *args, idx, **self._loss_kwargs()))
+
+    def _train_step(self, args, idx) -> float:
+        self._optim.zero_grad()
+        loss = self._loss_and_grads(args, idx)
+        if not math.isfinite(loss):
+            self._raise_non_finite(loss, args, idx)
+        self._optim.step()
+        return loss
+
+    # ------------------------------------------------------------ non-finite
+    def _raise_non_finite(self, loss: float, args, idx, during: str = "") -> None:
+        site, detail = _find_non_finite_site(self.model, self.guide, args, idx, self._loss_kwargs())
+        bad_params = [n for n, p in pyro.get_param_store().named_parameters() if not bool(torch.isfinite(p).all())]
+        where = during or f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})"
+        parts = [f"non-finite loss {loss} at {where}"]
+        parts.append(detail if site else "no site has a non-finite log-density on a fresh draw")
+        if bad_params:
+            parts.append("non-finite parameters: " + ", ".join(bad_params))
+        kept = self._latest_checkpoint_path()
+        parts.append(f"last good checkpoint kept: {kept}" if kept else "no checkpoint was written before")
+        raise NonFiniteLossError("; ".join(parts), step=self.step + 1, site=site, checkpoint=kept)
+
+    def _latest_checkpoint_path(self) -> Optional[Path]:
+        if self.checkpoint_dir is None:
+            return None
+        found = list_checkpoints(self.checkpoint_dir)
+        return found[-1] if found else None
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        store = pyro.get_param_store()
+        return {
+            "settings": self.settings,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "params": {n: store._params[n].detach().clone() for n in self._names},
+            "optimizer": self._optim.state_dict(),
+            "rng": capture_rng_state(),
+            "generator": self.generator.get_state(),
+            "perm": self.perm if self.perm is not None else torch.zeros(0, dtype=torch.long),
+            "history": self.history,
+            "partial": [self._epoch_loss_sum, self._epoch_steps, self._log_loss_sum, self._log_steps],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._setup()
+        saved = state["settings"]
+        for key in _RESUME_KEYS:
+            if saved.get(key) != getattr(self, key):
+                raise CheckpointError(
+                    f"cannot resume: setting {key!r} was {saved.get(key)!r} in the checkpoint, "
+                    f"received {getattr(self, key)!r}"
+                )
+        params = state["params"]
+        if sorted(params) != self._names:
+            raise CheckpointError(f"cannot resume: checkpoint has parameters {sorted(params)}, the run has {self._names}")
+        store = pyro.get_param_store()
+        with torch.no_grad():
+            for name, value in params.items():
+                target = store._params[name]
+                if target.shape != value.shape:
+                    raise CheckpointError(
+                        f"cannot resume: parameter {name!r} has shape {tuple(value.shape)} in the checkpoint, "
+                        f"expected {tuple(target.shape)}"
+                    )
+                target.copy_(value)
+        self._optim.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.perm = state["perm"] if state["perm"].numel() else None
+        self.history = state["history"]
+        self._epoch_loss_sum, self._epoch_steps, self._log_loss_sum, self._log_steps = state["partial"]
+
+    def save(self) -> Optional[Path]:
+        if self.checkpoint_dir is None:
+            return None
+        bad = [n for n in self._names if not bool(torch.isfinite(pyro.get_param_store()._params[n]).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"not saving a checkpoint at step {self.step}: non-finite parameters {', '.join(bad)}",
+                step=self.step,
+                site=None,
+                checkpoint=self._latest_checkpoint_path(),
+            )
+        path = save_checkpoint(self.checkpoint_dir, self.state_dict(), keep_last=self.keep_last)
+        self._write_history()
+        return path
+
+    def _write_history(self) -> None:
+        if self.run_dir is not None:
+            text = json.dumps(self.history, indent=1).encode()
+            atomic_write_bytes(self.run_dir / "history.json", lambda f: f.write(text))
+
+    def resume(self) -> Optional[Path]:
+        """Load the newest readable checkpoint of ``run_dir``; returns its path (``None`` if there is none)."""
+        if self.checkpoint_dir is None:
+            raise ValueError("resume needs a run_dir")
+        for path in reversed(list_checkpoints(self.checkpoint_dir)):
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as exc:
+                print(f"skipping unreadable checkpoint: {exc}", file=sys.stderr)
+                continue
+            self.load_state_dict(state)
+            return path
+        return None
+
+    # ------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_elbo(self) -> float:
+        """ELBO per datapoint on ``valid`` (its own seeded generators: training randomness is untouched)."""
+        n = int(self.valid.num_data)
+        total = 0.0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.epoch)
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            for start in range(0, n, self.valid_batch_size):
+                idx = torch.arange(start, min(n, start + self.valid_batch_size))
+                args = self.valid.batch(idx, gen)
+                total += float(self._valid_elbo.loss(self.model, self.guide, *args, None))
+        return -total / n
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> FitResult:
+        start_time = time.perf_counter()
+        if resume:
+            path = self.resume()
+            if path is not None:
+                print(f"resumed from {path} (step {self.step}, epoch {self.epoch})", file=sys.stderr)
+        else:
+            pyro.set_rng_seed(self.seed)
+        self._setup()
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _catch_signals() as caught:
+            while self.epoch < self.num_epochs and not self._done():
+                self._run_epoch(caught)
+        if self._done() and self.batch_in_epoch > 0:
+            self.save()  # stopped mid-epoch by max_steps: resumable from here
+        return FitResult(self.history, self.step, self.epoch, time.perf_counter() - start_time, self._latest_checkpoint_path())
+
+    def _done(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
+
+    def _run_epoch(self, caught) -> None:
+        epoch_start = time.perf_counter()
+        if self.perm is None or self.batch_in_epoch == 0:
+            self.perm = torch.randperm(self.num_data, generator=self.generator)
+            self._epoch_loss_sum, self._epoch_steps = 0.0, 0
+        bar = tqdm(
+            total=self.num_batches,
+            initial=self.batch_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.batch_in_epoch < self.num_batches:
+                if self._done():
+                    return
+                b = self.batch_in_epoch
+                idx = self.perm[b * self.batch_size : (b + 1) * self.batch_size]
+                args = self.train.batch(idx, self.generator)
+                with pyro.validation_enabled(self.validate == "always" or self.step == 0):
+                    loss = self._train_step(args, idx)
+                self.step += 1
+                self.batch_in_epoch += 1
+                per_datapoint = loss / self.num_data
+                self._epoch_loss_sum += per_datapoint
+                self._epoch_steps += 1
+                self._log_loss_sum += per_datapoint
+                self._log_steps += 1
+                if self._log_steps >= self.log_every:
+                    self.history["log_step"].append(self.step)
+                    self.history["log_train_elbo"].append(-self._log_loss_sum / self._log_steps)
+                    bar.set_postfix_str(f"-ELBO/N {self._log_loss_sum / self._log_steps:.3f}", refresh=False)
+                    self._log_loss_sum, self._log_steps = 0.0, 0
+                bar.update(1)
+                if self.callback is not None:
+                    self.callback(self, self.step, loss)
+                if caught.signum is not None:
+                    path = self.save()
+                    raise TrainingInterrupted(caught.signum, self.step, path)
+        finally:
+            bar.close()
+        # epoch completed
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.perm = None
+        train_elbo = -self._epoch_loss_sum / max(1, self._epoch_steps)
+        valid_elbo = self.validation_elbo() if self.valid is not None else float("nan")
+        elapsed = time.perf_counter() - epoch_start
+        for key, value in (
+            ("epoch", self.epoch),
+            ("step", self.step),
+            ("train_elbo", train_elbo),
+            ("valid_elbo", valid_elbo),
+            ("epoch_time", elapsed),
+        ):
+            self.history[key].append(value)
+        if self.progress:
+            msg = f"epoch {self.epoch}/{self.num_epochs}  train ELBO {train_elbo:.3f}"
+            if self.valid is not None:
+                msg += f"  valid ELBO {valid_elbo:.3f}"
+            tqdm.write(msg + f"  ({elapsed:.1f} s)", file=sys.stderr)
+        self.save()
+        if caught.signum is not None:
+            raise TrainingInterrupted(caught.signum, self.step, self._latest_checkpoint_path())
+
+
+def fit(model: Callable, guide: Callable, train: Dataset, *, resume: bool = False, **kwargs) -> FitResult:
+    """Train ``model`` and ``guide`` on ``train``; keyword arguments are :class:`Trainer`'s."""
+    return Trainer(model, guide, train, **kwargs).fit(resume=resume)
+
+
+def _plate_depth(model, guide, args, idx, kwargs) -> int:
+    """How many plates the model and guide nest (what Pyro would otherwise guess and log)."""
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, idx, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, idx, **kwargs)
+    dims = [
+        frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+def _find_non_finite_site(model, guide, args, idx, kwargs):
+    """Re-run guide and model on the batch; name the first site whose value or log-density is not finite."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        try:
+            guide_trace = poutine.trace(guide).get_trace(*args, idx, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, idx, **kwargs)
+        except Exception as exc:  # the diagnosis must not hide the original error
+            return None, f"re-running model and guide failed: {type(exc).__name__}: {exc}"
+        for who, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                value = site["value"]
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return name, f"site {name!r} ({who}) has a non-finite value"
+                log_prob = site["fn"].log_prob(value)
+                if not bool(torch.isfinite(log_prob).all()):
+                    bad = log_prob[~torch.isfinite(log_prob)].flatten()[0].item()
+                    return name, f"site {name!r} ({who}) has log-density {bad}"
+    return None, ""
+
+
+class _Caught:
+    signum: Optional[int] = None
+
+
+@contextmanager
+def _catch_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    caught = _Caught()
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if caught.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        caught.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
