@@ -1,0 +1,5 @@
+import sys
+
+from ppl_models.cli import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""Experiment configuration: one TOML file declares a whole experiment.
+
+.. code-block:: toml
+
+    [model]                 # a registered model and its hyperparameters
+    name = "vae"
+    z_dim = 20
+    hidden_dims = [400]
+
+    [guide]                 # a guide registered for that model (or a generic one) and its hyperparameters
+    name = "amortized"
+    hidden_dims = [400]
+
+    [data]
+    name = "mnist"
+    binarization = "dynamic"
+
+    [train]
+    elbo = "Trace_ELBO"
+    optimizer = "adam"
+    lr = 1e-3
+    batch_size = 128
+    num_epochs = 100
+
+    [evaluate]
+    num_samples = 5000
+
+    [output]
+    run_dir = "runs/vae_mnist"
+
+Unknown sections or keys are errors that name the key and list the valid ones;
+a value of the wrong type names the expected type.  ``[model]`` and ``[guide]``
+keys other than ``name`` are the hyperparameters of the model's ``build`` and
+the guide's ``build`` functions and are checked against their signatures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from ppl_models.registry import UnknownNameError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "GuideConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "OutputConfig",
+    "load_config",
+    "parse_override",
+    "to_toml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vae"
+    hparams: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GuideConfig:
+    name: str = "amortized"
+    hparams: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """``name`` picks the loader (:data:`ppl_models.experiment.DATASETS`); the other keys are the
+    loader's keyword arguments, plus ``limit_train`` / ``limit_valid`` / ``limit_test`` (use only the
+    first rows of a split, for smoke tests)."""
+
+    name: str = "mnist"
+    hparams: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    elbo: str = "Trace_ELBO"
+    num_particles: int = 1
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 128
+    num_epochs: int = 10
+    max_steps: Optional[int] = None
+    seed: int = 0
+    keep_last: int = 2
+    progress: bool = True
+    validate: bool = True  # report the validation ELBO each epoch
+
+
+@dataclass
+class EvaluateConfig:
+    num_samples: int = 5000
+    batch_size: int = 100
+    split: str = "test"
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/experiment"
+    plots: bool = True
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "guide": GuideConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "output": OutputConfig,
+}
+_FREE_FORM = ("model", "guide", "data")  # keys besides name are checked against a function's signature
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "Config":
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: expected a table of sections, received {type(raw).__name__}")
+        unknown = [k for k in raw if k not in _SECTIONS]
+        if unknown:
+            raise ConfigError(f"{source}: {UnknownNameError('section', unknown[0], _SECTIONS)}")
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            table = raw.get(name, {})
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{source}: [{name}] must be a table, received {type(table).__name__}")
+            sections[name] = _build_section(name, section_cls, dict(table), source)
+        return cls(**sections)
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            if name in _FREE_FORM:
+                out[name] = {"name": section.name, **section.hparams}
+            else:
+                out[name] = dataclasses.asdict(section)
+        return out
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        """A copy with dotted keys replaced, e.g. ``{"train.lr": 3e-4}``."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise ConfigError(f"override {dotted!r}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
+            if section not in _SECTIONS:
+                raise ConfigError(f"override {dotted!r}: {UnknownNameError('section', section, _SECTIONS)}")
+            raw[section][key] = value
+        return Config.from_dict(raw, source="overrides")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_type(where: str, value, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(where, value, args[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"{where}: expected {tp.__name__}, received bool {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, received {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build_section(name: str, section_cls, table: Dict[str, Any], source: str):
+    if name in _FREE_FORM:
+        section_name = table.pop("name", section_cls().name)
+        if not isinstance(section_name, str):
+            raise ConfigError(f"{source}: [{name}].name: expected str, received {type(section_name).__name__}")
+        return section_cls(name=section_name, hparams=table)
+    hints = typing.get_type_hints(section_cls)
+    valid = [f.name for f in dataclasses.fields(section_cls)]
+    kwargs = {}
+    for key, value in table.items():
+        if key not in valid:
+            raise ConfigError(f"{source}: [{name}] {UnknownNameError('key', key, valid)}")
+        kwargs[key] = _check_type(f"{source}: [{name}].{key}", value, hints[key])
+    return section_cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a TOML experiment file (``tomllib``), apply dotted-key ``overrides``, validate."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    config = Config.from_dict(raw, source=str(path))
+    return config.with_overrides(overrides) if overrides else config
+
+
+def parse_override(text: str) -> tuple:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as TOML, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: Config) -> str:
+    """The resolved configuration as TOML (``None`` values are omitted)."""
+    lines = []
+    for section, table in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""An experiment from a :class:`~ppl_models.config.Config`: data -> model + guide -> engine -> evaluation.
+
+Used by the command line (``ppl-models fit``, ``ppl-models evaluate``) and the
+example scripts.  A run directory holds::
+
+    config.toml        the resolved configuration
+    checkpoints/       atomic checkpoints (step-<step>.pt)
+    history.json       ELBO per epoch and running means
+    metrics.json       evaluation: test log-likelihood (IWAE-K), ELBO, KL, Pareto k-hat
+    eval.nc            ArviZ InferenceData with the pointwise log-likelihood
+    elbo.png, prior_samples.png, reconstructions.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import pyro
+import torch
+
+from ppl_models import registry
+from ppl_models.config import Config, ConfigError, load_config, to_toml
+from ppl_models.data import mnist_splits
+from ppl_models.infer import Trainer
+from ppl_models.infer.checkpoint import CheckpointError, atomic_write_bytes
+from ppl_models.registry import UnknownNameError
+
+__all__ = ["DATASETS", "Experiment", "register_dataset"]
+
+#: Data loaders by name: ``loader(**options) -> {"train": Dataset, "valid": Dataset, "test": Dataset}``.
+DATASETS: Dict[str, Callable[..., dict]] = {"mnist": mnist_splits}
+
+_LIMITS = ("limit_train", "limit_valid", "limit_test")
+
+
+def register_dataset(name: str, loader: Callable[..., dict]) -> None:
+    DATASETS[name] = loader
+
+
+class Head:
+    """The first ``n`` rows of a data set (for smoke tests and quick runs)."""
+
+    def __init__(self, base, n: int):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"data limit: expected a positive integer, received {n!r}")
+        self.base, self.num_data = base, min(n, int(base.num_data))
+
+    def batch(self, idx, generator):
+        return self.base.batch(idx, generator)
+
+
+@dataclass
+class Experiment:
+    """One configured experiment and its run directory."""
+
+    config: Config
+    run_dir: Path
+
+    @classmethod
+    def from_file(cls, path, overrides=None, run_dir=None) -> "Experiment":
+        config = load_config(path, overrides)
+        return cls(config, Path(run_dir or config.output.run_dir))
+
+    @classmethod
+    def from_run_dir(cls, run_dir, overrides=None) -> "Experiment":
+        run_dir = Path(run_dir)
+        path = run_dir / "config.toml"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} is not a run directory: {path} does not exist")
+        return cls(load_config(path, overrides), run_dir)
+
+    # ----------------------------------------------------------------- parts
+    def load_data(self) -> dict:
+        options = dict(self.config.data.hparams)
+        limits = {k: options.pop(k) for k in _LIMITS if k in options}
+        name = self.config.data.name
+        if name not in DATASETS:
+            raise UnknownNameError("data set", name, DATASETS)
+        loader = DATASETS[name]
+        registry.check_kwargs(f"data {name!r}", loader, options)
+        splits = loader(**options)
+        for key, n in limits.items():
+            split = key.split("_", 1)[1]
+            if splits.get(split) is not None:
+                splits[split] = Head(splits[split], n)
+        return splits
+
+    def build(self, num_data: int) -> registry.Instance:
+        """Model and guide with fresh networks, initialised from the run's seed."""
+        pyro.clear_param_store()
+        pyro.set_rng_seed(self.config.train.seed)
+        return registry.instantiate(
+            self.config.model.name,
+            self.config.guide.name,
+            num_data=num_data,
+            model_kwargs=self.config.model.hparams,
+            guide_kwargs=self.config.guide.hparams,
+        )
+
+    def is_per_datapoint(self, instance: registry.Instance) -> bool:
+        """Whether the guide holds parameters per training datapoint (it cannot score new data)."""
+        return any("local_params" in name for name in instance.modules.keys())
+
+    def trainer(self, splits: dict, instance: registry.Instance, **overrides) -> Trainer:
+        t = self.config.train
+        valid = splits.get("valid") if t.validate and not self.is_per_datapoint(instance) else None
+        kwargs = dict(
+            valid=valid,
+            elbo=t.elbo,
+            num_particles=t.num_particles,
+            optimizer=t.optimizer,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            num_epochs=t.num_epochs,
+            max_steps=t.max_steps,
+            seed=t.seed,
+            run_dir=self.run_dir,
+            keep_last=t.keep_last,
+            progress=t.progress,
+        )
+        kwargs.update(overrides)
+        return Trainer(instance.model, instance.guide, splits["train"], **kwargs)
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, resume: bool = False, evaluate: bool = True, num_samples: Optional[int] = None):
+        """Train (or resume), write the ELBO plot, then evaluate on the configured split."""
+        self._write_config(resume)
+        splits = self.load_data()
+        instance = self.build(splits["train"].num_data)
+        if self.is_per_datapoint(instance) and self.config.train.validate:
+            print(
+                "note: the per-datapoint guide has no parameters for validation data; validation ELBO skipped",
+                file=sys.stderr,
+            )
+        trainer = self.trainer(splits, instance)
+        result = trainer.fit(resume=resume)
+        if self.config.output.plots:
+            from ppl_models.plots import plot_elbo_curves
+
+            plot_elbo_curves(result.history, self.run_dir / "elbo.png", title=f"{instance.model_name} / {instance.guide_name}")
+        metrics = None
+        if evaluate:
+            metrics = self._evaluate(splits, instance, num_samples)
+        return result, metrics
+
+    def _write_config(self, resume: bool) -> None:
+        path = self.run_dir / "config.toml"
+        text = to_toml(self.config)
+        if path.exists() and not resume:
+            existing = path.read_text()
+            if existing != text and any((self.run_dir / "checkpoints").glob("step-*.pt")):
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run with another configuration; "
+                    "pass --resume to continue it, or choose another run directory"
+                )
+        atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+    # ----------------------------------------------------------- evaluate
+    def evaluate(self, num_samples: Optional[int] = None, split: Optional[str] = None, batch_size: Optional[int] = None):
+        """Evaluate the newest checkpoint of the run directory."""
+        splits = self.load_data()
+        instance = self.build(splits["train"].num_data)
+        return self._evaluate(splits, instance, num_samples, split, batch_size, load=True)
+
+    def _evaluate(self, splits, instance, num_samples=None, split=None, batch_size=None, load=False):
+        from ppl_models.evaluate import evaluate
+
+        cfg = self.config.evaluate
+        split = split or cfg.split
+        if split not in splits or splits[split] is None:
+            raise UnknownNameError("split", split, [k for k, v in splits.items() if v is not None])
+        if load:
+            trainer = self.trainer(splits, instance, progress=False)
+            if trainer.resume() is None:
+                raise CheckpointError(f"{self.run_dir / 'checkpoints'} holds no readable checkpoint to evaluate")
+        if self.is_per_datapoint(instance) and split != "train":
+            raise ConfigError(
+                f"guide {instance.guide_name!r} holds parameters per training datapoint and cannot score "
+                f"the {split!r} split; evaluate split 'train', or use an amortized guide"
+            )
+        dataset = splits[split]
+        result = evaluate(
+            instance.model,
+            instance.guide,
+            dataset,
+            spec=instance.spec,
+            num_samples=num_samples or cfg.num_samples,
+            batch_size=batch_size or cfg.batch_size,
+            progress=self.config.train.progress,
+        )
+        result.save(self.run_dir)
+        if self.config.output.plots:
+            self._plot_samples(instance, dataset)
+        return result
+
+    @torch.no_grad()
+    def _plot_samples(self, instance, dataset) -> None:
+        from ppl_models.plots import plot_image_grid, prior_means, reconstruction_means
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed)
+            prior = prior_means(instance.model, instance.spec, 100)
+            plot_image_grid(prior, self.run_dir / "prior_samples.png", "samples from the prior (pixel means)")
+            n = min(10, int(dataset.num_data))
+            idx = torch.arange(n)
+            (x,) = dataset.batch(idx, torch.Generator().manual_seed(0))[:1]
+            recon = reconstruction_means(instance.model, instance.guide, instance.spec, x)
+            both = torch.cat([x.reshape(n, -1), recon.reshape(n, -1)])
+            title = "data (top) and reconstructions (bottom)"
+            plot_image_grid(both, self.run_dir / "reconstructions.png", title, ncols=n)
+
+
+def read_metrics(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
