@@ -1,0 +1,159 @@
+"""The ArviZ adapter: Pareto k̂, InferenceData building, atomic netCDF round trips, the import boundary."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ppl_models import diagnostics
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# --- psis_khat ------------------------------------------------------------------------------------------
+
+
+def test_psis_khat_exactly_equal_weights_is_inf():
+    # What az.psislw returns when there is no right tail to fit (q is the exact posterior): +inf.
+    # Documented in psis_khat; evaluate() counts these as "undetermined", not as bad.
+    khat = diagnostics.psis_khat(np.full((3, 1000), -7.25))
+    assert khat.shape == (3,)
+    assert np.all(np.isposinf(khat))
+
+
+def test_psis_khat_light_and_heavy_tails():
+    r = rng(1)
+    # Bounded weights (q wider than p) -> k̂ well below 0.5.
+    light = np.log(r.uniform(0.5, 1.0, size=(4, 4000)))
+    # Weights with a Pareto(alpha=1) tail: k = 1/alpha = 1.
+    heavy = np.log(r.pareto(1.0, size=(4, 4000)) + 1.0)
+    assert np.all(diagnostics.psis_khat(light) < diagnostics.KHAT_GOOD)
+    k_heavy = diagnostics.psis_khat(heavy)
+    assert np.all(k_heavy > diagnostics.KHAT_BAD), k_heavy
+    assert np.all(np.abs(k_heavy - 1.0) < 0.3), k_heavy
+
+
+def test_psis_khat_samples_axis_batch_shape_and_float32():
+    lw = rng(2).standard_normal((2, 3, 500))
+    k = diagnostics.psis_khat(lw)
+    assert k.shape == (2, 3) and k.dtype == np.float64
+    np.testing.assert_array_equal(diagnostics.psis_khat(np.moveaxis(lw, -1, 0), samples_axis=0), k)
+    k32 = diagnostics.psis_khat(lw.astype(np.float32))
+    np.testing.assert_allclose(k32, k, atol=1e-3)
+
+
+def test_psis_khat_chunking_gives_the_same_values(monkeypatch):
+    lw = rng(3).standard_normal((37, 300))
+    whole = diagnostics.psis_khat(lw)
+    monkeypatch.setattr(diagnostics, "_PSIS_CHUNK_BYTES", 300 * 8 * 5)  # 5 rows a chunk
+    np.testing.assert_array_equal(diagnostics.psis_khat(lw), whole)
+
+
+def test_psis_khat_nan_rows_are_nan_and_others_unaffected():
+    lw = rng(4).standard_normal((3, 400))
+    lw[1, 7] = np.nan
+    lw[2, :] = -np.inf
+    k = diagnostics.psis_khat(lw)
+    assert np.isfinite(k[0]) and np.isnan(k[1]) and np.isnan(k[2])
+    assert k[0] == diagnostics.psis_khat(lw[:1])[0]
+
+
+def test_psis_khat_rejects_bad_input():
+    with pytest.raises(ValueError, match="samples axis"):
+        diagnostics.psis_khat(np.float64(1.0))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        diagnostics.psis_khat(np.zeros((4, 1)))
+
+
+# --- InferenceData ---------------------------------------------------------------------------------------
+
+
+def test_pointwise_inference_data_shapes_and_groups():
+    n = 6
+    ll = rng(5).standard_normal(n)
+    idata = diagnostics.pointwise_inference_data(
+        ll, "x", extra={"elbo": ll - 1.0, "pareto_khat": np.zeros(n)}, attrs={"num_samples": 10}
+    )
+    assert "log_likelihood" in idata.groups() and "sample_stats" in idata.groups()
+    x = idata.log_likelihood["x"]
+    assert x.dims == ("chain", "draw", "datapoint") and x.shape == (1, 1, n)
+    np.testing.assert_array_equal(x.values[0, 0], ll)
+    np.testing.assert_array_equal(idata.sample_stats["elbo"].values[0, 0], ll - 1.0)
+    assert idata.log_likelihood.attrs["num_samples"] == 10
+
+    draws = diagnostics.pointwise_inference_data(rng(6).standard_normal((4, n)), "obs")
+    assert draws.log_likelihood["obs"].shape == (1, 4, n)
+    chains = diagnostics.pointwise_inference_data(rng(7).standard_normal((2, 4, n)), "obs")
+    assert chains.log_likelihood["obs"].shape == (2, 4, n)
+
+
+def test_pointwise_inference_data_errors_name_the_variable():
+    with pytest.raises(ValueError, match=r"extra 'elbo'.*5 datapoints"):
+        diagnostics.pointwise_inference_data(np.zeros(5), "x", extra={"elbo": np.zeros(4)})
+    with pytest.raises(ValueError, match=r"log_likelihood 'x'.*\(n,\)"):
+        diagnostics.pointwise_inference_data(np.zeros((1, 1, 1, 5)), "x")
+
+
+def test_netcdf_round_trip_is_atomic_and_overwrites(tmp_path):
+    n = 5
+    ll = rng(8).standard_normal(n)
+    path = tmp_path / "sub" / "eval.nc"
+    diagnostics.save_netcdf(diagnostics.pointwise_inference_data(ll, "x", extra={"kl": ll**2}), path)
+    diagnostics.save_netcdf(diagnostics.pointwise_inference_data(ll + 1, "x", extra={"kl": ll**2}), path)
+    assert sorted(os.listdir(path.parent)) == ["eval.nc"]  # no temporary file left behind
+    loaded = diagnostics.load_netcdf(path)
+    np.testing.assert_array_equal(loaded.log_likelihood["x"].values[0, 0], ll + 1)
+    np.testing.assert_array_equal(loaded.sample_stats["kl"].values[0, 0], ll**2)
+    with pytest.raises(FileNotFoundError, match="missing.nc"):
+        diagnostics.load_netcdf(tmp_path / "missing.nc")
+
+
+def test_wrappers_pass_through():
+    r = rng(9)
+    draws = {"mu": r.standard_normal((2, 200))}
+    table = diagnostics.summary(draws)
+    assert "mu" in table.index and "r_hat" in table.columns
+    assert float(diagnostics.ess(draws)["mu"]) > 50
+    assert float(diagnostics.rhat(draws)["mu"]) < 1.1
+
+
+# --- the import boundary -------------------------------------------------------------------------------
+
+
+def test_only_diagnostics_imports_arviz():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    importers = sorted(
+        str(p.relative_to(root))
+        for folder in ("ppl_models", "guides")
+        for p in (root / folder).rglob("*.py")
+        if re.search(r"^\s*(import arviz|from arviz)", p.read_text(), flags=re.M)
+    )
+    assert importers == [os.path.join("ppl_models", "diagnostics.py")]
+
+
+def _import_with_fresh_arviz_cache(tmp_path, statement):
+    """Run ``statement`` in a fresh interpreter where any FutureWarning is an error and ArviZ has not yet
+    shown today's refactor warning (its stamp lives in the user cache dir)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONWARNINGS="error::FutureWarning")
+    return subprocess.run([sys.executable, "-c", statement], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_refactor_warning_is_filtered_by_its_text_only(tmp_path):
+    control = _import_with_fresh_arviz_cache(tmp_path / "a", "import arviz")
+    assert control.returncode != 0 and "major refactor" in control.stderr  # the warning does fire
+    ours = _import_with_fresh_arviz_cache(
+        tmp_path / "b",
+        "import ppl_models.diagnostics, warnings\n"
+        "try:\n    warnings.warn('another', FutureWarning)\nexcept FutureWarning:\n    print('others still raise')",
+    )
+    assert ours.returncode == 0, ours.stderr
+    assert "others still raise" in ours.stdout  # only that one warning is silenced

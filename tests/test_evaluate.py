@@ -1,0 +1,410 @@
+"""Importance-sampled evaluation, checked against the exactly solvable linear-Gaussian model."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from guides.linear_gaussian import exact_guide
+from ppl_models import diagnostics, instantiate
+from ppl_models import linear_gaussian as lg
+from ppl_models.evaluate import (
+    EvalResult,
+    _binary_bernoulli_log_prob,
+    _site_log_prob,
+    default_chunk_size,
+    evaluate,
+    log_weights,
+)
+from ppl_models.spec import LatentSite, ModelSpec, ObservedSite, data_plate
+
+
+def linear_gaussian(num_data, *, dtype=torch.float64, seed=7, guide="mean-field"):
+    """A linear-Gaussian model with random parameters (seed 7: posterior correlation 0.58), data simulated
+    from it, and a guide."""
+    inst = instantiate(
+        "linear-gaussian",
+        guide,
+        num_data=num_data,
+        model_kwargs=dict(z_dim=2, x_dim=5, init_sigma=0.7, bias_scale=1.0, seed=seed),
+    )
+    inst.modules.to(dtype)
+    params = inst.modules["params"]
+    x, _ = lg.simulate(params, num_data, torch.Generator().manual_seed(seed + 100))
+    with torch.no_grad():
+        log_px = lg.log_evidence(params, x)
+    return inst, params, x, log_px
+
+
+def set_optimal_mean_field(inst, params, x):
+    r"""The mean-field :math:`q` closest to the posterior in KL(q || p): the exact posterior's mean and
+    :math:`z\_scale_j = \Lambda_{jj}^{-1/2}` (narrower than the marginals when the posterior is correlated)."""
+    with torch.no_grad():
+        z_loc, _ = lg.exact_posterior(params, x)
+        precision = torch.eye(params.z_dim, dtype=x.dtype) + params.W.T @ params.W / params.sigma**2
+        z_scale = precision.diagonal().rsqrt()
+        table = inst.modules["local_params"].tables["z"].weight
+        table[:, :2] = z_loc
+        table[:, 2:] = torch.log(torch.expm1(z_scale)).expand(x.shape[0], 2)  # softplus^{-1}
+
+
+def scaled_exact_guide(x, idx=None, *, params, num_data=None, factor):
+    """The exact posterior with its covariance's scale multiplied by ``factor``."""
+    z_loc, scale_tril = lg.exact_posterior(params, x)
+    with data_plate(x, idx, num_data):
+        pyro.sample("z", dist.MultivariateNormal(z_loc, scale_tril=scale_tril * factor))
+
+
+# --- exactness on the conjugate model ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_guide_every_log_weight_is_the_log_evidence(dtype):
+    torch.manual_seed(0)
+    inst, params, x, log_px = linear_gaussian(40, dtype=dtype, guide="exact")
+    assert inst.guide.keywords["params"] is params  # the guide shares the model's params
+    lw = log_weights(inst.model, inst.guide, x, num_samples=50, spec=inst.spec, chunk_size=16)
+    assert lw.shape == (50, 40) and lw.dtype == dtype
+    torch.testing.assert_close(lw, log_px.expand(50, 40), rtol=1e-5, atol=0)
+
+
+def test_exact_guide_elbo_iwae_and_log_evidence_coincide():
+    torch.manual_seed(0)
+    inst, params, x, log_px = linear_gaussian(64, guide="exact")
+    result = evaluate(inst.model, inst.guide, x, spec=inst.spec, num_samples=200, batch_size=25, progress=False)
+    expected = log_px.numpy()
+    np.testing.assert_allclose(result.elbo, expected, rtol=1e-5)
+    np.testing.assert_allclose(result.log_likelihood, expected, rtol=1e-5)
+    np.testing.assert_allclose(result.recon - result.kl, result.elbo, rtol=1e-12, atol=1e-12)
+    # Constant weights: az.psislw finds no tail and returns +inf (rounding can leave two values, then
+    # k̂ < 0): never a finite k̂ that flags the exact posterior as a bad proposal.
+    k = result.pareto_khat
+    assert not np.any(np.isfinite(k) & (k >= diagnostics.KHAT_GOOD)), k
+    metrics = result.to_metrics()
+    assert metrics["pareto_khat_frac_bad"] == 0.0
+    assert metrics["pareto_khat_frac_good"] + metrics["pareto_khat_frac_undetermined"] == 1.0
+
+
+def test_iwae_is_at_least_the_elbo_for_mean_field():
+    torch.manual_seed(0)
+    inst, params, x, log_px = linear_gaussian(50)
+    set_optimal_mean_field(inst, params, x)
+    result = evaluate(inst.model, inst.guide, x, spec=inst.spec, num_samples=300, batch_size=20, progress=False)
+    # Jensen, for the very same draws: log mean exp ≥ mean log.
+    assert np.all(result.log_likelihood >= result.elbo - 1e-12)
+    assert np.all(result.log_likelihood > result.elbo)  # a mean-field q is not the posterior
+    # Both bound the evidence (in expectation; MC noise is far below these gaps for the ELBO).
+    assert np.all(result.elbo < log_px.numpy())
+
+
+def test_iwae_approaches_the_log_evidence_as_num_samples_grows():
+    r"""Gap :math:`\log p(x) - \mathrm{IWAE}_K` for K = 1, 10, 100, 1000.
+
+    The 1000 draws of each datapoint are split into 1000/K disjoint groups of K; averaging IWAE_K over the
+    groups estimates E[IWAE_K] (monotone in K, Burda et al. 2016).  For nested groups the average is even
+    monotone draw by draw (Jensen), so the comparison between K is exact; the K=1000 gap is compared with
+    its standard error over datapoints and the delta-method bias Var(w / p) / (2K).
+    """
+    torch.manual_seed(0)
+    num_data, K = 400, 1000
+    inst, params, x, log_px = linear_gaussian(num_data)
+    set_optimal_mean_field(inst, params, x)
+    lw = log_weights(inst.model, inst.guide, x, torch.arange(num_data), num_samples=K, spec=inst.spec)
+    assert lw.shape == (K, num_data)
+    gaps = {}
+    for k in (1, 10, 100, 1000):
+        groups = lw.reshape(K // k, k, num_data)
+        iwae_k = (torch.logsumexp(groups, dim=1) - math.log(k)).mean(0)  # (num_data,)
+        gaps[k] = log_px - iwae_k
+    means = [float(gaps[k].mean()) for k in (1, 10, 100, 1000)]
+    assert means[0] > means[1] > means[2] > means[3], means
+    assert means[0] > 0.05  # the mean-field q is visibly worse than the posterior
+    gap = gaps[1000]
+    se = float(gap.std() / math.sqrt(num_data))
+    normalized = torch.exp(lw - log_px)  # w / p(x): mean 1
+    bias = float((normalized.var(dim=0) / (2 * K)).mean())
+    assert -4 * se <= means[3] <= bias + 4 * se, (means[3], se, bias)
+
+
+# --- Pareto k̂ -------------------------------------------------------------------------------------------
+
+
+def test_khat_is_low_for_the_exact_posterior_of_a_nearby_model():
+    # The exact posterior of the same model with 1.3 x the noise scale: slightly wider than the true
+    # posterior and shifted towards 0, so the weights are bounded.
+    torch.manual_seed(0)
+    inst, params, x, _ = linear_gaussian(30)
+    nearby = lg.LinearGaussianParams(2, 5).to(torch.float64)
+    nearby.load_state_dict(params.state_dict())
+    with torch.no_grad():
+        nearby.log_sigma += math.log(1.3)
+    result = evaluate(
+        inst.model,
+        functools.partial(exact_guide, params=nearby),
+        x,
+        spec=inst.spec,
+        num_samples=2000,
+        batch_size=30,
+        progress=False,
+    )
+    assert np.all(result.pareto_khat < diagnostics.KHAT_GOOD), result.pareto_khat
+
+
+def test_khat_flags_an_under_dispersed_proposal():
+    # q = the exact posterior with scale x 0.2: the weights' tail index is 1 - 0.2^2 = 0.96.
+    torch.manual_seed(0)
+    inst, params, x, log_px = linear_gaussian(30)
+    guide = functools.partial(scaled_exact_guide, params=params, factor=0.2)
+    result = evaluate(inst.model, guide, x, spec=inst.spec, num_samples=2000, batch_size=30, progress=False)
+    k = result.pareto_khat
+    assert np.mean(k) > diagnostics.KHAT_BAD and np.mean(k > diagnostics.KHAT_BAD) >= 0.7, k
+    assert np.mean(log_px.numpy() - result.log_likelihood) > 0.1  # the IWAE bound is far from tight here
+
+
+# --- the VAE: a model with a neural decoder ------------------------------------------------------------
+
+
+def small_vae(seed=0):
+    torch.manual_seed(seed)
+    return instantiate(
+        "vae",
+        "amortized",
+        num_data=None,
+        model_kwargs=dict(z_dim=3, hidden_dims=(16,), x_dim=20),
+        guide_kwargs=dict(hidden_dims=(16,)),
+    )
+
+
+class Rows:
+    """A data set in the engine's protocol (num_data, batch(idx, generator))."""
+
+    def __init__(self, x):
+        self.x, self.num_data = x, x.shape[0]
+
+    def batch(self, idx, generator):
+        return (self.x[idx],)
+
+
+def test_evaluate_vae_shapes_identities_and_files(tmp_path):
+    inst = small_vae()
+    x = (torch.rand(30, 20, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    result = evaluate(
+        inst.model,
+        inst.guide,
+        Rows(x),
+        spec=inst.spec,
+        num_samples=150,
+        batch_size=8,  # 30 = 8 + 8 + 8 + 6
+        chunk_size=64,  # 150 = 64 + 64 + 22
+        generator=torch.Generator().manual_seed(2),
+        progress=False,
+    )
+    assert isinstance(result, EvalResult) and result.num_data == 30 and result.num_samples == 150
+    for name in ("log_likelihood", "elbo", "recon", "kl", "pareto_khat"):
+        values = getattr(result, name)
+        assert values.shape == (30,) and values.dtype == np.float64, name
+    assert np.all(np.isfinite(result.log_likelihood))
+    assert np.all(result.elbo <= result.log_likelihood + 1e-6)
+    np.testing.assert_allclose(result.recon - result.kl, result.elbo, rtol=1e-5, atol=1e-5)
+    assert np.all(result.kl > 0)  # E_q[log q - log p(z)] of an untrained encoder
+    assert np.all(result.log_likelihood < 0)  # a probability mass of binary data
+
+    paths = result.save(tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_data"] == 30 and metrics["num_samples"] == 150 and metrics["observed"] == "x"
+    mean, se = result.mean_and_se("log_likelihood")
+    assert metrics["log_likelihood"] == pytest.approx(mean) and metrics["log_likelihood_se"] == pytest.approx(se)
+    assert se == pytest.approx(result.log_likelihood.std(ddof=1) / math.sqrt(30))
+    assert metrics["elbo"] <= metrics["log_likelihood"] and metrics["wall_time_s"] > 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["eval.nc", "metrics.json"]
+
+    loaded = diagnostics.load_netcdf(paths["inference_data"])
+    np.testing.assert_array_equal(loaded.log_likelihood["x"].values.reshape(-1), result.log_likelihood)
+    for name in ("elbo", "recon", "kl", "pareto_khat"):
+        np.testing.assert_array_equal(loaded.sample_stats[name].values.reshape(-1), getattr(result, name))
+    assert loaded.log_likelihood.attrs["num_samples"] == 150
+
+
+def test_evaluate_is_reproducible_and_leaves_the_global_rng_alone():
+    inst = small_vae()
+    x = (torch.rand(12, 20, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    runs = [
+        evaluate(
+            inst.model,
+            inst.guide,
+            data,
+            spec=inst.spec,
+            num_samples=40,
+            batch_size=5,
+            generator=torch.Generator().manual_seed(7),
+            progress=False,
+        )
+        for data in (x, Rows(x))  # a plain tensor and the data set protocol
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    for name in ("log_likelihood", "elbo", "recon", "kl"):
+        np.testing.assert_array_equal(getattr(runs[0], name), getattr(runs[1], name))
+
+
+def test_grey_level_pixels_use_torchs_bernoulli_and_agree():
+    inst = small_vae()
+    x = torch.rand(6, 20, generator=torch.Generator().manual_seed(3))  # grey levels in [0, 1]
+    result = evaluate(inst.model, inst.guide, x, spec=inst.spec, num_samples=30, progress=False)
+    assert np.all(np.isfinite(result.log_likelihood))
+    np.testing.assert_allclose(result.recon - result.kl, result.elbo, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_binary_bernoulli_fast_path_matches_torch(dtype, rtol):
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(7, 5, 30, generator=g) * 15).to(dtype)
+    logits[0, 0, :4] = torch.tensor([-80.0, 80.0, 25.0, -25.0], dtype=dtype)  # far tails
+    value = (torch.rand(5, 30, generator=g) < 0.5).to(dtype)
+    expected = dist.Bernoulli(logits=logits).to_event(1).log_prob(value)
+    got = _binary_bernoulli_log_prob(logits, value, 1)
+    assert got.shape == (7, 5) and got.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0)
+    # Through a site, and falling back to torch for non-binary values.
+    site = {"fn": dist.Bernoulli(logits=logits, validate_args=False).to_event(1), "value": value, "mask": None}
+    torch.testing.assert_close(_site_log_prob(site), expected, rtol=rtol, atol=0)
+    grey = dict(site, value=value * 0.5 + 0.25)
+    assert torch.equal(_site_log_prob(grey), site["fn"].log_prob(grey["value"]))
+    # Two event dims.
+    fn2 = dist.Bernoulli(logits=logits.reshape(7, 5, 6, 5)).to_event(2)
+    torch.testing.assert_close(
+        _site_log_prob({"fn": fn2, "value": value.reshape(5, 6, 5), "mask": None}), expected, rtol=rtol, atol=0
+    )
+
+
+def test_default_chunk_size_respects_the_memory_budget():
+    spec = small_vae().spec  # largest site: x with 20 entries
+    assert default_chunk_size(spec, 10, itemsize=4, budget_bytes=8000) == 10
+    assert default_chunk_size(spec, 10_000, itemsize=4, budget_bytes=8000) == 1
+    vae784 = ModelSpec("vae", ObservedSite("x", (784,)), "data", (LatentSite("z", (20,)),))
+    chunk = default_chunk_size(vae784, 100)
+    assert chunk * 100 * 784 * 4 <= 32 * 2**20  # below glibc's largest mmap threshold (no page faults)
+
+
+# --- structure: plates, global latents, mismatched sites ----------------------------------------------
+
+TOY_SPEC = ModelSpec("toy", ObservedSite("x", (3,)), "data", (LatentSite("z", (2,)),))
+OFFSETS = torch.tensor([0.0, 1.0, -1.0])
+
+
+def toy_guide(x, idx=None, *, num_data=None):
+    with data_plate(x, idx, num_data):
+        pyro.sample("z", dist.Normal(0.1 * x[:, :2], 0.8).to_event(1))
+
+
+def toy_model(x, idx=None, *, num_data=None):
+    with data_plate(x, idx, num_data):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        loc = z.sum(-1, keepdim=True) + OFFSETS  # (..., batch, 3)
+        pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+
+def toy_model_nested_plate(x, idx=None, *, num_data=None):
+    """The same density with the features as a plate nested in the data plate (dim -2)."""
+    with data_plate(x, idx, num_data):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        loc = z.sum(-1) + OFFSETS[:, None]  # (..., 3, batch)
+        with pyro.plate("features", 3, dim=-2):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x.T)
+
+
+def test_plates_nested_in_the_data_plate_are_summed_per_datapoint():
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    flat = log_weights(toy_model, toy_guide, x, num_samples=20, spec=TOY_SPEC, chunk_size=7)
+    torch.manual_seed(0)
+    nested = log_weights(toy_model_nested_plate, toy_guide, x, num_samples=20, spec=TOY_SPEC, chunk_size=7)
+    assert nested.shape == (20, 9)
+    torch.testing.assert_close(nested, flat)
+
+
+def test_a_global_latent_raises_not_implemented_naming_the_site():
+    def model(x, idx=None, *, num_data=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with data_plate(x, idx, num_data):
+            pyro.sample("x", dist.Normal(mu, 1.0).expand([3]).to_event(1), obs=x)
+
+    def guide(x, idx=None, *, num_data=None):
+        pyro.sample("mu", dist.Normal(0.2, 0.5))
+
+    x = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError, match=r"latent site 'mu' lies outside the data plate 'data'"):
+        log_weights(model, guide, x, num_samples=5, spec=ModelSpec("global", ObservedSite("x", (3,))))
+    with pytest.raises(NotImplementedError, match="'mu'"):
+        evaluate(model, guide, x, spec=ModelSpec("global", ObservedSite("x", (3,))), num_samples=5, progress=False)
+
+
+def test_mismatched_sites_are_named():
+    x = torch.randn(4, 3)
+
+    def empty_guide(x, idx=None, *, num_data=None):
+        pass
+
+    with pytest.raises(ValueError, match=r"model latent site 'z'.*guide samples only \(none\)"):
+        log_weights(toy_model, empty_guide, x, num_samples=3, spec=TOY_SPEC)
+
+    def extra_guide(x, idx=None, *, num_data=None):
+        with data_plate(x, idx, num_data):
+            pyro.sample("z", dist.Normal(0.1 * x[:, :2], 0.8).to_event(1))
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"guide site 'w'"):
+        log_weights(toy_model, extra_guide, x, num_samples=3, spec=TOY_SPEC)
+
+    renamed = ModelSpec("toy", ObservedSite("pixels", (3,)), "data", (LatentSite("z", (2,)),))
+    with pytest.raises(ValueError, match=r"observed site 'pixels'.*found observed sites \['x'\]"):
+        log_weights(toy_model, toy_guide, x, num_samples=3, spec=renamed)
+
+
+def test_arguments_are_checked():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="num_samples"):
+        log_weights(toy_model, toy_guide, x, num_samples=0, spec=TOY_SPEC)
+    with pytest.raises(ValueError, match="chunk_size"):
+        log_weights(toy_model, toy_guide, x, num_samples=3, spec=TOY_SPEC, chunk_size=0)
+    with pytest.raises(ValueError, match="num_data"):
+        log_weights(toy_model, toy_guide, x, num_samples=3, spec=TOY_SPEC, num_data=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(toy_model, toy_guide, x, spec=TOY_SPEC, num_samples=3, batch_size=0, progress=False)
+
+
+def test_per_datapoint_guides_get_their_rows():
+    # The mean-field guide reads rows idx of its table: evaluation in batches must hand it the right rows.
+    torch.manual_seed(0)
+    inst, params, x, log_px = linear_gaussian(24)
+    with torch.no_grad():
+        z_loc, scale_tril = lg.exact_posterior(params, x)
+        table = inst.modules["local_params"].tables["z"].weight
+        table[:, :2] = z_loc
+        table[:, 2:] = -30.0  # z_scale ≈ 1e-13: q is (nearly) a point mass at the posterior mean
+    result = evaluate(inst.model, inst.guide, x, spec=inst.spec, num_samples=4, batch_size=5, progress=False)
+    with torch.no_grad():
+        z_dist = dist.MultivariateNormal(z_loc, scale_tril=scale_tril)
+        log_joint = log_px + z_dist.log_prob(z_loc)
+    # recon ≈ log p(x | z_loc), and log p(x | z_loc) + log p(z_loc) = log p(x) + log p(z_loc | x).
+    np.testing.assert_allclose(
+        result.recon + dist.Normal(0.0, 1.0).log_prob(z_loc).sum(-1).numpy(), log_joint.numpy(), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("guide_name", ["mean-field", "amortized-mlp"])
+def test_generic_guides_evaluate_on_the_linear_gaussian_model(guide_name):
+    torch.manual_seed(0)
+    inst, params, x, log_px = linear_gaussian(20, guide=guide_name)
+    result = evaluate(inst.model, inst.guide, x, spec=inst.spec, num_samples=100, batch_size=8, progress=False)
+    assert result.log_likelihood.shape == (20,)
+    assert np.all(result.elbo <= result.log_likelihood)
+    assert np.mean(result.log_likelihood) < np.mean(log_px.numpy())  # an untrained guide: a loose bound
