@@ -4,7 +4,9 @@ A model registers its plain Pyro model function and a ``build(**hparams)``
 that returns :class:`ModelParts` (its declared :class:`~ppl_models.spec.ModelSpec`
 and its networks).  A guide registers, for one model or for every model
 (``model="*"``), its plain guide function and a ``build(spec, num_data, **hparams)``
-that returns the guide's networks.  :func:`instantiate` binds the networks to
+that returns the guide's networks; a ``build`` that also takes ``model_modules``
+receives the model's networks and may return some of them to share (an exact
+posterior guide reads the model's own parameters).  :func:`instantiate` binds the networks to
 the functions, giving a model and a guide with the same signature.
 """
 
@@ -106,7 +108,16 @@ def register_guide(
 
 
 #: Modules whose import registers the package's own models and guides.
-BUILTIN_MODULES = ("ppl_models.vae", "guides.mean_field", "guides.amortized", "guides.vae")
+BUILTIN_MODULES = (
+    "ppl_models.vae",
+    "guides.mean_field",
+    "guides.amortized",
+    "guides.vae",
+    "ppl_models.linear_gaussian",
+    "guides.linear_gaussian",
+    "ppl_models.gmm",
+    "guides.gmm",
+)
 
 
 def _load_builtins() -> None:
@@ -140,14 +151,46 @@ def get_guide(model_name: str, name: str) -> GuideEntry:
 
 
 def check_kwargs(what: str, fn: Callable, kwargs: Mapping, skip=()) -> None:
-    """Raise one error naming each keyword ``fn`` does not take, with the valid ones."""
+    """Raise one error naming a keyword ``fn`` does not take (listing the valid ones), or a value
+    whose type differs from the type of the keyword's default (naming the expected type)."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     valid = [n for n, p in params.items() if n not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    unknown = [k for k in kwargs if k not in valid]
-    if unknown:
-        raise UnknownNameError(f"{what} hyperparameter", unknown[0], valid)
+    for key, value in kwargs.items():
+        if key not in valid:
+            raise UnknownNameError(f"{what} hyperparameter", key, valid)
+        default = params[key].default
+        expected = _expected_type(default)
+        if expected is not None and value is not None and not _is_instance(value, expected):
+            raise TypeError(
+                f"{what} hyperparameter {key!r}: expected {expected.__name__} (like its default {default!r}), "
+                f"received {type(value).__name__} {value!r}"
+            )
+
+
+def _expected_type(default):
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float)):
+        return float if isinstance(default, float) else int
+    if isinstance(default, str):
+        return str
+    if isinstance(default, (list, tuple)):
+        return list
+    return None
+
+
+def _is_instance(value, expected) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, expected)
 
 
 def instantiate(
@@ -164,9 +207,13 @@ def instantiate(
     check_kwargs(f"model {model_name!r}", entry.build, model_kwargs)
     parts = entry.build(**model_kwargs)
     gentry = get_guide(model_name, guide_name)
-    check_kwargs(f"guide {guide_name!r}", gentry.build, guide_kwargs, skip=("spec", "num_data"))
+    check_kwargs(f"guide {guide_name!r}", gentry.build, guide_kwargs, skip=("spec", "num_data", "model_modules"))
+    if "model_modules" in inspect.signature(gentry.build).parameters:
+        # A guide that reads the model's own parameters (an exact posterior) or changes how the model
+        # runs (the collapsed form enumerates a latent) receives the model's modules.
+        guide_kwargs["model_modules"] = parts.modules
     guide_modules = gentry.build(parts.spec, num_data=num_data, **guide_kwargs)
-    clash = set(parts.modules) & set(guide_modules)
+    clash = {k for k in set(parts.modules) & set(guide_modules) if parts.modules[k] is not guide_modules[k]}
     if clash:
         raise ValueError(f"model and guide both name a network {sorted(clash)}; rename one")
     modules = nn.ModuleDict({**parts.modules, **guide_modules})

@@ -1,10 +1,13 @@
 """Inference: objectives and optimizers by name, the training engine, checkpoints."""
 
+from ppl_models.infer.em import EMModel, EMResult, fit_em
 from ppl_models.infer.engine import FitResult, NonFiniteLossError, Trainer, TrainingInterrupted, fit
 from ppl_models.infer.objectives import ELBO_NAMES, make_elbo
 from ppl_models.infer.optim import OPTIMIZER_NAMES, make_optimizer
 
 __all__ = [
+    "EMModel",
+    "EMResult",
     "ELBO_NAMES",
     "OPTIMIZER_NAMES",
     "FitResult",
@@ -12,6 +15,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "fit",
+    "fit_em",
     "make_elbo",
     "make_optimizer",
 ]
