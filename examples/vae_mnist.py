@@ -16,9 +16,10 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "vae_mnist.toml"
 
 
 def main(args):
-    overrides = {"train.num_epochs": args.num_epochs, "train.seed": args.seed, "train.progress": not args.no_progress}
-    overrides["model.z_dim"] = args.z_dim
-    overrides["evaluate.num_samples"] = args.num_samples
+    overrides = {"train.seed": args.seed, "train.progress": not args.no_progress}
+    for flag, key in (("num_epochs", "train.num_epochs"), ("z_dim", "model.z_dim"), ("num_samples", "evaluate.num_samples")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
     if args.guide:
         overrides["guide.name"] = args.guide
     if args.data_dir:
@@ -30,7 +31,7 @@ def main(args):
     result, metrics = experiment.fit(resume=args.resume)
     summary = metrics.to_metrics()
     print(
-        f"test NLL (IWAE, K={args.num_samples}): {-summary['log_likelihood']:.2f} nats; "
+        f"test NLL (IWAE, K={summary['num_samples']}): {-summary['log_likelihood']:.2f} nats; "
         f"test ELBO {summary['elbo']:.2f}; trained {result.epoch} epochs in {result.wall_time / 60:.1f} min; "
         f"run directory {experiment.run_dir}"
     )
@@ -40,10 +41,10 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CONFIG), help="experiment TOML (default: %(default)s)")
-    parser.add_argument("--num-epochs", type=int, default=60)
-    parser.add_argument("--z-dim", type=int, default=20)
+    parser.add_argument("--num-epochs", type=int, default=None, help="default: the config's (100)")
+    parser.add_argument("--z-dim", type=int, default=None, help="default: the config's (50)")
     parser.add_argument("--guide", default=None, help="guide name (default: the config's, 'amortized')")
-    parser.add_argument("--num-samples", type=int, default=5000, help="importance samples for the test NLL")
+    parser.add_argument("--num-samples", type=int, default=None, help="importance samples for the test NLL (config: 5000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")

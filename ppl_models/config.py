@@ -72,7 +72,9 @@ class ModelConfig:
 
 @dataclass
 class GuideConfig:
-    name: str = "amortized"
+    """``name`` unset: the guide the ``[train] strategy`` trains, else ``"amortized"``."""
+
+    name: Optional[str] = None
     hparams: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,6 +90,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    strategy: Optional[str] = None  # svi-local, svi-inner, amortized, semi-amortized (ppl_models.infer.strategies)
+    inner_steps: int = 20  # K refinement steps on λ (svi-inner, semi-amortized)
+    inner_lr: float = 0.1  # their step size α
+    refine_grad: str = "stop"  # semi-amortized: "stop" or "end-to-end"
     elbo: str = "Trace_ELBO"
     num_particles: int = 1
     optimizer: str = "adam"
@@ -154,7 +160,7 @@ class Config:
         for name in _SECTIONS:
             section = getattr(self, name)
             if name in _FREE_FORM:
-                out[name] = {"name": section.name, **section.hparams}
+                out[name] = {"name": section.name, **section.hparams} if section.name is not None else dict(section.hparams)
             else:
                 out[name] = dataclasses.asdict(section)
         return out
@@ -197,7 +203,7 @@ def _check_type(where: str, value, tp) -> Any:
 def _build_section(name: str, section_cls, table: Dict[str, Any], source: str):
     if name in _FREE_FORM:
         section_name = table.pop("name", section_cls().name)
-        if not isinstance(section_name, str):
+        if section_name is not None and not isinstance(section_name, str):
             raise ConfigError(f"{source}: [{name}].name: expected str, received {type(section_name).__name__}")
         return section_cls(name=section_name, hparams=table)
     hints = typing.get_type_hints(section_cls)

@@ -13,11 +13,12 @@ This is the only module that imports :mod:`arviz`, so a move to ArviZ 1.x touche
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from typing import Mapping
 
 import numpy as np
+
+from ppl_models.atomic import atomic_path
 
 # ArviZ 0.2x prints this FutureWarning (at most once a day) on import; filter it by its text only.
 warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
@@ -139,19 +140,9 @@ def save_netcdf(idata: az.InferenceData, path) -> str:
 
     :return: ``path`` as a string.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nc", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         idata.to_netcdf(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return os.fspath(path)
 
 
 def load_netcdf(path) -> az.InferenceData:

@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
@@ -56,6 +55,8 @@ from torch.distributions import Bernoulli, Independent
 from torch.nn import functional as F
 
 from ppl_models import diagnostics
+from ppl_models.atomic import atomic_write_bytes
+from ppl_models.data import TensorDataset
 from ppl_models.spec import ModelSpec, check_tensor
 
 __all__ = [
@@ -447,30 +448,11 @@ class EvalResult:
         :return: the paths written, ``{"metrics": ..., "inference_data": ...}``.
         """
         run_dir = os.fspath(run_dir)
-        os.makedirs(run_dir, exist_ok=True)
         metrics_path = os.path.join(run_dir, "metrics.json")
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-metrics-", suffix=".json", dir=run_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_metrics(), f, indent=2, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, metrics_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        text = json.dumps(self.to_metrics(), indent=2, allow_nan=False) + "\n"
+        atomic_write_bytes(metrics_path, lambda f: f.write(text.encode()))
         nc_path = diagnostics.save_netcdf(self.to_inference_data(), os.path.join(run_dir, "eval.nc"))
         return {"metrics": metrics_path, "inference_data": nc_path}
-
-
-class _TensorRows:
-    """A tensor ``x`` of shape ``(num_data,) + event_shape`` in the data set protocol."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x, self.num_data = x, int(x.shape[0])
-
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> tuple:
-        return (self.x[idx],)
 
 
 def _progress(total: int, enabled: bool):
@@ -513,7 +495,7 @@ def evaluate(
     """
     if isinstance(dataset, torch.Tensor):
         check_tensor(spec.observed.name, dataset, event_shape=spec.observed.event_shape)
-        dataset = _TensorRows(dataset)
+        dataset = TensorDataset(dataset)
     num_data = int(dataset.num_data)
     if num_data < 1:
         raise ValueError(f"dataset: expected at least one datapoint, received num_data={num_data}")

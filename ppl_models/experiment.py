@@ -26,7 +26,9 @@ from ppl_models import registry
 from ppl_models.config import Config, ConfigError, load_config, to_toml
 from ppl_models.data import mnist_splits
 from ppl_models.infer import Trainer
-from ppl_models.infer.checkpoint import CheckpointError, atomic_write_bytes
+from ppl_models.atomic import atomic_write_bytes
+from ppl_models.infer.checkpoint import CheckpointError
+from ppl_models.infer.strategies import guide_for_strategy, make_strategy
 from ppl_models.registry import UnknownNameError
 
 __all__ = ["DATASETS", "Experiment", "register_dataset"]
@@ -90,16 +92,33 @@ class Experiment:
         return splits
 
     def build(self, num_data: int) -> registry.Instance:
-        """Model and guide with fresh networks, initialised from the run's seed."""
+        """Model and guide with fresh networks, initialised from the run's seed; with a ``[train] strategy``
+        its guide (and step rule) replace the plain guide."""
         pyro.clear_param_store()
         pyro.set_rng_seed(self.config.train.seed)
-        return registry.instantiate(
+        t = self.config.train
+        guide_name = self.config.guide.name
+        if t.strategy is not None:
+            implied = guide_for_strategy(t.strategy, self.config.model.name)
+            if implied is None and guide_name is not None:
+                raise ConfigError(f"strategy {t.strategy!r} makes its own guide; remove [guide].name = {guide_name!r}")
+            guide_name = guide_name or implied
+        elif guide_name is None:
+            guide_name = "amortized"
+        instance = registry.instantiate(
             self.config.model.name,
-            self.config.guide.name,
+            guide_name,
             num_data=num_data,
             model_kwargs=self.config.model.hparams,
             guide_kwargs=self.config.guide.hparams,
         )
+        if t.strategy is not None:
+            instance.guide, instance.step = make_strategy(
+                t.strategy, instance.model, instance.guide, instance.spec, dict(instance.modules),
+                num_steps=t.inner_steps, lr=t.inner_lr, refine_grad=t.refine_grad,
+            )
+            instance.guide_name = f"{t.strategy} ({guide_name})" if guide_name else t.strategy
+        return instance
 
     def is_per_datapoint(self, instance: registry.Instance) -> bool:
         """Whether the guide holds parameters per training datapoint (it cannot score new data)."""
@@ -123,7 +142,7 @@ class Experiment:
             progress=t.progress,
         )
         kwargs.update(overrides)
-        return Trainer(instance.model, instance.guide, splits["train"], **kwargs)
+        return Trainer(instance.model, instance.guide, splits["train"], step_fn=instance.step, **kwargs)
 
     # ---------------------------------------------------------------- fit
     def fit(self, resume: bool = False, evaluate: bool = True, num_samples: Optional[int] = None):

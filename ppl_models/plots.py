@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pyro.poutine as poutine  # noqa: E402
 import torch  # noqa: E402
 
-from ppl_models.infer.checkpoint import atomic_write_bytes  # noqa: E402
+from ppl_models.atomic import atomic_write_bytes  # noqa: E402
 from ppl_models.spec import ModelSpec  # noqa: E402
 
 __all__ = ["plot_elbo_curves", "plot_image_grid", "prior_means", "reconstruction_means", "save_figure"]

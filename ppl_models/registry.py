@@ -16,7 +16,7 @@ import functools
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 from torch import nn
 
@@ -43,7 +43,8 @@ class UnknownNameError(KeyError):
 
     def __init__(self, kind: str, name: str, valid):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
-        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid) or '(none)'}")
+        plural = kind[:-1] + "ies" if kind.endswith("y") and kind[-2:-1] not in "aeiou" else kind + "s"
+        super().__init__(f"unknown {kind} {name!r}; valid {plural}: {', '.join(self.valid) or '(none)'}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
@@ -82,8 +83,9 @@ class Instance:
     guide_name: str
     spec: ModelSpec
     model: Callable
-    guide: Callable
+    guide: Optional[Callable]
     modules: nn.ModuleDict  # every network of model and guide, by name
+    step: Optional[Callable] = None  # a strategy's step rule for the engine (None: the joint step)
 
     def data_kwargs(self, num_data: int | None) -> dict:
         return {} if num_data is None else {"num_data": num_data}
@@ -195,17 +197,24 @@ def _is_instance(value, expected) -> bool:
 
 def instantiate(
     model_name: str,
-    guide_name: str,
+    guide_name: Optional[str],
     *,
     num_data: int | None,
     model_kwargs: Mapping | None = None,
     guide_kwargs: Mapping | None = None,
 ) -> Instance:
-    """Build a model's and a guide's networks and bind them to the plain functions."""
+    """Build a model's and a guide's networks and bind them to the plain functions
+    (``guide_name=None``: the model alone, for strategies that make their own guide)."""
     model_kwargs, guide_kwargs = dict(model_kwargs or {}), dict(guide_kwargs or {})
     entry = get_model(model_name)
     check_kwargs(f"model {model_name!r}", entry.build, model_kwargs)
     parts = entry.build(**model_kwargs)
+    model = functools.partial(entry.model, **parts.modules)
+    functools.update_wrapper(model, entry.model)
+    if guide_name is None:
+        if guide_kwargs:
+            raise ValueError(f"guide hyperparameters {sorted(guide_kwargs)} given but no guide")
+        return Instance(model_name, None, parts.spec, model, None, nn.ModuleDict(parts.modules))
     gentry = get_guide(model_name, guide_name)
     check_kwargs(f"guide {guide_name!r}", gentry.build, guide_kwargs, skip=("spec", "num_data", "model_modules"))
     if "model_modules" in inspect.signature(gentry.build).parameters:
@@ -217,8 +226,6 @@ def instantiate(
     if clash:
         raise ValueError(f"model and guide both name a network {sorted(clash)}; rename one")
     modules = nn.ModuleDict({**parts.modules, **guide_modules})
-    model = functools.partial(entry.model, **parts.modules)
     guide = functools.partial(gentry.guide, **guide_modules)
-    functools.update_wrapper(model, entry.model)
     functools.update_wrapper(guide, gentry.guide)
     return Instance(model_name, guide_name, parts.spec, model, guide, modules)

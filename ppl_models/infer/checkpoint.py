@@ -23,6 +23,8 @@ from typing import List
 import numpy as np
 import torch
 
+from ppl_models.atomic import atomic_write_bytes
+
 __all__ = [
     "FORMAT",
     "CheckpointError",
@@ -41,36 +43,6 @@ _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the run."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def capture_rng_state() -> dict:
