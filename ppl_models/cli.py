@@ -71,6 +71,12 @@ def _overrides(args) -> dict:
 def _print_metrics(metrics: dict) -> None:
     summary = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
     print(json.dumps(summary, indent=1))
+    if summary.get("log_likelihood") is not None:
+        print(
+            f"test NLL (IWAE, K={summary['num_samples']}): {-summary['log_likelihood']:.2f} "
+            f"± {summary['log_likelihood_se']:.2f} nats over {summary['num_data']} datapoints; "
+            f"ELBO {summary['elbo']:.2f} (KL {summary['kl']:.2f}); evaluation {summary['wall_time_s']:.0f} s"
+        )
 
 
 def run(args) -> int:
