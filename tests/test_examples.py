@@ -80,3 +80,21 @@ def test_sigterm_mid_epoch_in_a_real_process(tmp_path, shared_data):
     assert states[0]["batch_in_epoch"] == 0 and states[0]["epoch"] >= 1  # an epoch-end checkpoint, intact
     assert states[-1]["step"] > states[0]["step"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.slow
+def test_inference_strategies_example_runs_with_tiny_flags(tmp_path, shared_data):
+    import inference_strategies
+
+    parser_args = Namespace(
+        strategies=["svi-local", "svi-inner", "amortized", "semi-amortized"], budget=1.0, z_dim=4, hidden_dims=[32],
+        lr=1e-3, batch_size=64, inner_steps=3, inner_lr=0.1, refine_grad="stop", test_steps=5, num_test=8,
+        num_samples=4, eval_batch_size=8, limit_train=256, data_dir=None, seed=0, out=str(tmp_path), no_progress=True,
+    )
+    report = inference_strategies.main(parser_args)
+    assert [r["strategy"] for r in report["strategies"]] == parser_args.strategies
+    assert all(r["steps"] >= 1 and r["test_nll"] > 0 for r in report["strategies"])
+    gap = report["amortization_gap"]
+    assert set(gap) == {"elbo_encoder", "elbo_refined_20", "elbo_refined_100", "iwae"}
+    for name in ("strategies.json", "strategies.csv", "strategies.png"):
+        assert (tmp_path / name).is_file()
