@@ -18,7 +18,7 @@ def write(tmp_path, text):
 
 def test_example_config_loads_and_round_trips(tmp_path):
     config = load_config(EXAMPLE)
-    assert config.model.name == "vae" and config.model.hparams["z_dim"] == 20
+    assert config.model.name == "vae" and config.model.hparams["z_dim"] == 50
     assert config.train.elbo == "TraceMeanField_ELBO"
     again = load_config(write(tmp_path, to_toml(config)))
     assert again == config

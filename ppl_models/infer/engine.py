@@ -106,6 +106,8 @@ class Trainer:
     :param batch_size: datapoints per step.
     :param num_epochs: passes over ``train``.
     :param max_steps: stop after this many steps in total (``None``: no limit).
+    :param time_limit: stop after this many seconds of this call to :meth:`fit` (``None``: no limit);
+        for comparing strategies on the same wall-time budget.
     :param seed: seeds Pyro's generators and the engine's data generator.
     :param run_dir: where checkpoints and ``history.json`` go (``None``: nothing is written).
     :param keep_last: checkpoints kept on disk.
@@ -113,6 +115,8 @@ class Trainer:
     :param validate: ``"first"`` checks distribution arguments and site shapes (Pyro validation)
         on the first step only, ``"always"`` on every step.
     :param callback: called as ``callback(trainer, step, loss)`` after each step.
+    :param step_fn: a strategy's update rule ``step_fn(trainer, args, idx) -> loss`` replacing the joint
+        step on every parameter (:mod:`ppl_models.infer.strategies`).
     """
 
     model: Callable
@@ -127,6 +131,7 @@ class Trainer:
     batch_size: int = 128
     num_epochs: int = 10
     max_steps: Optional[int] = None
+    time_limit: Optional[float] = None
     seed: int = 0
     run_dir: Optional[Path] = None
     keep_last: int = 2
@@ -135,6 +140,7 @@ class Trainer:
     valid_batch_size: int = 1000
     log_every: int = 50
     callback: Optional[Callable] = None
+    step_fn: Optional[Callable] = None
 
     def __post_init__(self):
         if self.validate not in ("first", "always"):
@@ -167,6 +173,7 @@ class Trainer:
             "log_train_elbo": [],
         }
         self._optim: Optional[Optimizer] = None
+        self._deadline: Optional[float] = None
         self._names: List[str] = []
         self._epoch_loss_sum = 0.0
         self._epoch_steps = 0
@@ -228,6 +235,23 @@ class Trainer:
             return value
         return float(self._elbo.loss_and_grads(self.model, self.guide, *args, idx, **self._loss_kwargs()))
 
+    def train_step(self, args, idx) -> float:
+        """One optimizer step on the batch ``(*args, idx)``; returns its loss (the N/batch-scaled -ELBO estimate).
+
+        Exactly what :meth:`fit` does for each batch (Pyro validation as ``validate`` says, ``step``
+        counted), without the epoch position, logging, callback or checkpoints: for benchmarks and
+        custom loops.  Builds the optimizer first if :meth:`fit` has not.
+        """
+        if self._optim is None:
+            self._setup()
+        with pyro.validation_enabled(self.validate == "always" or self.step == 0):
+            if self.step_fn is None:
+                loss = self._train_step(args, idx)
+            else:
+                loss = self.step_fn(self, args, idx)
+        self.step += 1
+        return loss
+
     def _train_step(self, args, idx) -> float:
         self._optim.zero_grad()
         loss = self._loss_and_grads(args, idx)
@@ -235,6 +259,13 @@ class Trainer:
             self._raise_non_finite(loss, args, idx)
         self._optim.step()
         return loss
+
+    def _check_loss(self, loss: torch.Tensor, args, idx) -> float:
+        """The loss as a float; a non-finite one raises :class:`NonFiniteLossError` (for strategies' steps)."""
+        value = loss.item()
+        if not math.isfinite(value):
+            self._raise_non_finite(value, args, idx)
+        return value
 
     # ------------------------------------------------------------ non-finite
     def _raise_non_finite(self, loss: float, args, idx, during: str = "") -> None:
@@ -354,6 +385,7 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> FitResult:
         start_time = time.perf_counter()
+        self._deadline = None if self.time_limit is None else start_time + self.time_limit
         if resume:
             path = self.resume()
             if path is not None:
@@ -367,11 +399,13 @@ class Trainer:
             while self.epoch < self.num_epochs and not self._done():
                 self._run_epoch(caught)
         if self._done() and self.batch_in_epoch > 0:
-            self.save()  # stopped mid-epoch by max_steps: resumable from here
+            self.save()  # stopped mid-epoch by max_steps or time_limit: resumable from here
         return FitResult(self.history, self.step, self.epoch, time.perf_counter() - start_time, self._latest_checkpoint_path())
 
     def _done(self) -> bool:
-        return self.max_steps is not None and self.step >= self.max_steps
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return True
+        return self._deadline is not None and time.perf_counter() >= self._deadline
 
     def _run_epoch(self, caught) -> None:
         epoch_start = time.perf_counter()
@@ -393,9 +427,7 @@ class Trainer:
                 b = self.batch_in_epoch
                 idx = self.perm[b * self.batch_size : (b + 1) * self.batch_size]
                 args = self.train.batch(idx, self.generator)
-                with pyro.validation_enabled(self.validate == "always" or self.step == 0):
-                    loss = self._train_step(args, idx)
-                self.step += 1
+                loss = self.train_step(args, idx)
                 self.batch_in_epoch += 1
                 per_datapoint = loss / self.num_data
                 self._epoch_loss_sum += per_datapoint

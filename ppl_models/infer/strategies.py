@@ -103,13 +103,16 @@ def refine(
     lr: float,
     elbo=None,
     create_graph: bool = False,
+    max_grad_norm: float | None = 5.0,
 ) -> Dict[str, torch.Tensor]:
     r""":math:`\lambda_K` after ``num_steps`` gradient-ascent steps on each datapoint's ELBO, :math:`\theta` fixed.
 
     The loss is not scaled by ``num_data / batch``: datapoint :math:`i`'s rows get the gradient of its own
     ELBO whatever the batch size.  Only :math:`\lambda` is differentiated (``torch.autograd.grad``), so no
-    parameter's ``.grad`` changes.  With ``create_graph`` the steps stay differentiable (end-to-end
-    semi-amortized training); otherwise the result is detached.
+    parameter's ``.grad`` changes.  Each datapoint's gradient row is clipped to norm ``max_grad_norm``
+    (as in Kim et al. 2018; a trained decoder's first gradients can be large enough to make a plain step
+    diverge).  With ``create_graph`` the steps stay differentiable (end-to-end semi-amortized training);
+    otherwise the result is detached.
     """
     if not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"refinement steps K: expected a non-negative integer, received {num_steps!r}")
@@ -123,6 +126,8 @@ def refine(
         for _ in range(num_steps):
             loss = _batch_loss(model, spec, elbo, lam, args, idx)
             grads = torch.autograd.grad(loss, [lam[n] for n in names], create_graph=create_graph)
+            if max_grad_norm is not None:
+                grads = [g * (max_grad_norm / (g.norm(dim=-1, keepdim=True) + 1e-12)).clamp(max=1.0) for g in grads]
             lam = {n: lam[n] - lr * g for n, g in zip(names, grads)}
             if not create_graph:
                 lam = {n: v.detach().requires_grad_(True) for n, v in lam.items()}

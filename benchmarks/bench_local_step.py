@@ -1,0 +1,323 @@
+"""Steps per second of one SVI step with a per-datapoint (mean-field) guide: sparse rows vs hand-written.
+
+Model: the package's MNIST VAE decoder 20-400-784.  Guide: a :math:`\\lambda_i = (z\\_loc_i,
+softplus^{-1}(z\\_scale_i))` per training datapoint, ``N`` = 60000 rows of ``2 * z_dim`` numbers
+(the package's ``mean-field`` guide: one ``nn.Embedding(N, 40, sparse=True)`` table).  Batch 128,
+learning rate 1e-3.  Every implementation starts from the same weights and table and consumes the
+same batches (rows ``idx`` and their dynamically binarized pixels; real MNIST from
+``$PPL_MODELS_DATA``, default ``<repo>/../shared/data``, or simulated pixels with ``--simulated``).
+Each step returns its loss as a Python float.
+
+Implementations (loss = N/batch x (BCE-with-logits sum + Gaussian KL sum), the -ELBO estimate):
+
+a. ``hand_sparse``        hand-written: ``nn.Embedding(N, 2*z_dim, sparse=True)`` + ``SparseAdam`` for the
+                          rows, ``torch.optim.Adam`` (default, single-tensor on CPU) for the decoder;
+b. ``hand_sparse_fused``  the same with ``Adam(fused=True)`` for the decoder (the engine's choice);
+c. ``hand_dense``         a dense ``(N, 2*z_dim)`` parameter + ``Adam`` over everything (every row is
+                          read and written every step: why sparse matters);
+d. ``hand_dense_fused``   the same with ``Adam(fused=True)``;
+e. ``engine_trace`` / ``engine_meanfield``  ``Trainer.train_step`` with the ``mean-field`` guide
+                          (sparse table + SparseAdam, fused Adam for the decoder), ``Trace_ELBO`` /
+                          ``TraceMeanField_ELBO`` (analytic KL, like the hand-written steps).
+
+Timing as in ``bench_vae_step.py``: one process, warm-up, ``--rounds`` rounds of ``--steps`` steps per
+implementation in rotated order; medians over rounds, and per-round paired ratios to ``hand_sparse``.
+The last line printed is one JSON object with every figure.
+
+    python benchmarks/bench_local_step.py
+    python benchmarks/bench_local_step.py --quick --simulated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from torch import nn
+from torch.nn import functional as F
+
+import ppl_models as pm
+from ppl_models.data import DynamicBinarized
+from ppl_models.infer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+X_DIM, HIDDEN, Z_DIM = 784, 400, 20
+GOAL = 0.9
+TABLE = "local_params"
+
+
+# ----------------------------------------------------------------------------------------- data
+def pixel_probs(simulated: bool, num_data: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """Pixel probabilities ``(N, 784)``: MNIST grey levels, or pixels of a random decoder (``--simulated``)."""
+    if simulated:
+        gen = torch.Generator().manual_seed(seed)
+        decoder = nn.Sequential(nn.Linear(Z_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, X_DIM))
+        with torch.no_grad():
+            for p in decoder.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            probs = torch.sigmoid(decoder(torch.randn(num_data, Z_DIM, generator=gen)) - 2.0)
+        return probs, "simulated"
+    from ppl_models.data import load_mnist
+
+    data_dir = os.environ.get("PPL_MODELS_DATA") or str(REPO.parent / "shared" / "data")
+    x, _ = load_mnist("train", data_dir=data_dir, download=False)
+    return x[:num_data], f"mnist-train (dynamic binarization) from {data_dir}"
+
+
+def make_batches(data: DynamicBinarized, batch_size: int, count: int, seed: int = 1):
+    """``count`` batches ``((x,), idx)`` drawn as the engine draws them (shuffled rows, fresh binarization)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches, perm, pos = [], torch.randperm(data.num_data, generator=gen), 0
+    for _ in range(count):
+        if pos + batch_size > data.num_data:
+            perm, pos = torch.randperm(data.num_data, generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        batches.append((data.batch(idx, gen), idx))
+    return batches
+
+
+# ------------------------------------------------------------------------ hand-written step
+class HandLocal(nn.Module):
+    """Decoder + per-datapoint rows ``[z_loc, softplus^{-1}(z_scale)]``, sparse table or dense parameter."""
+
+    def __init__(self, num_data: int, sparse: bool):
+        super().__init__()
+        self.sparse = sparse
+        self.dec1 = nn.Linear(Z_DIM, HIDDEN)
+        self.dec2 = nn.Linear(HIDDEN, X_DIM)
+        if sparse:
+            self.table = nn.Embedding(num_data, 2 * Z_DIM, sparse=True)
+        else:
+            self.table = nn.Parameter(torch.zeros(num_data, 2 * Z_DIM))
+
+    @property
+    def table_weight(self) -> torch.Tensor:
+        return self.table.weight if self.sparse else self.table
+
+    def copy_from(self, modules: nn.ModuleDict) -> "HandLocal":
+        dec = modules["decoder"]
+        with torch.no_grad():
+            for mine, theirs in ((self.dec1, dec.net[0]), (self.dec2, dec.net[2])):
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+            self.table_weight.copy_(modules[TABLE].tables["z"].weight)
+        return self
+
+    def loss(self, x: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+        rows = self.table(idx) if self.sparse else self.table[idx]
+        z_loc, raw = rows.split(Z_DIM, dim=-1)
+        z_scale = F.softplus(raw)
+        z = z_loc + z_scale * torch.randn_like(z_loc)
+        logits = self.dec2(F.relu(self.dec1(z)))
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = 0.5 * (z_loc.pow(2) + z_scale.pow(2) - 1.0).sum() - z_scale.log().sum()
+        return (rec + kl) * scale
+
+    def optimizers(self, lr: float, fused: bool):
+        decoder = [*self.dec1.parameters(), *self.dec2.parameters()]
+        if self.sparse:
+            return [torch.optim.SparseAdam([self.table.weight], lr=lr), torch.optim.Adam(decoder, lr=lr, fused=fused)]
+        return [torch.optim.Adam([self.table, *decoder], lr=lr, fused=fused)]
+
+
+class Impl:
+    def __init__(self, name: str, label: str, step, context=nullcontext):
+        self.name, self.label, self.step, self.context = name, label, step, context
+
+
+def pyro_scope():
+    """A private Pyro param store for one implementation (parameter names are shared)."""
+    state = {"params": {}, "constraints": {}}
+
+    @contextmanager
+    def context():
+        with pyro.get_param_store().scope(state):
+            yield
+
+    return context
+
+
+def fresh_instance(base: pm.Instance, num_data: int) -> pm.Instance:
+    inst = pm.instantiate("vae", "mean-field", num_data=num_data)
+    inst.modules.load_state_dict(base.modules.state_dict())
+    return inst
+
+
+def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_size: int, lr: float):
+    scale = num_data / batch_size
+    impls = []
+    for name, label, sparse, fused in (
+        ("hand_sparse", "a. hand-written sparse rows + SparseAdam, Adam", True, False),
+        ("hand_sparse_fused", "b. hand-written sparse rows + SparseAdam, Adam fused", True, True),
+        ("hand_dense", "c. hand-written dense (N, 40) param + Adam", False, False),
+        ("hand_dense_fused", "d. hand-written dense (N, 40) param + Adam fused", False, True),
+    ):
+        net = HandLocal(num_data, sparse).copy_from(base.modules)
+        opts = net.optimizers(lr, fused)
+
+        def step(batch, net=net, opts=opts):
+            (x,), idx = batch
+            for opt in opts:
+                opt.zero_grad()
+            loss = net.loss(x, idx, scale)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            return loss.item()
+
+        impls.append(Impl(name, label, step))
+
+    for name, label, elbo_name in (
+        ("engine_trace", "e. engine Trainer.train_step, Trace_ELBO", "Trace_ELBO"),
+        ("engine_meanfield", "e. engine Trainer.train_step, TraceMeanField_ELBO", "TraceMeanField_ELBO"),
+    ):
+        inst = fresh_instance(base, num_data)
+        trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False)
+        impls.append(Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope()))
+    return impls
+
+
+def loss_check(base: pm.Instance, batch, num_data: int, batch_size: int) -> dict:
+    """Same weights and noise: the hand-written loss against TraceMeanField_ELBO on the package's model and guide."""
+    (x,), idx = batch
+    net = HandLocal(num_data, True).copy_from(base.modules)
+    inst = fresh_instance(base, num_data)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
+        torch.manual_seed(1234)
+        hand = net.loss(x, idx, num_data / batch_size).item()
+        torch.manual_seed(1234)
+        pyro_loss = TraceMeanField_ELBO().differentiable_loss(inst.model, inst.guide, x, idx, num_data=num_data).item()
+    return {"hand": hand, "pyro_TraceMeanField_ELBO": pyro_loss, "rel_diff": abs(hand - pyro_loss) / abs(pyro_loss)}
+
+
+# ---------------------------------------------------------------------------------------- timing
+def run_steps(impl: Impl, batches, steps: int) -> float:
+    with impl.context():
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = impl.step(batches[i % len(batches)])
+        elapsed = time.perf_counter() - start
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{impl.name}: non-finite loss {loss}")
+    return elapsed
+
+
+def measure(impls, batches, rounds: int, steps: int, warmup: int) -> dict:
+    for impl in impls:
+        run_steps(impl, batches, warmup)
+    rates = {impl.name: [] for impl in impls}
+    for r in range(rounds):
+        k = r % len(impls)
+        for impl in impls[k:] + impls[:k]:
+            rates[impl.name].append(steps / run_steps(impl, batches, steps))
+    return rates
+
+
+def summarize(impls, rates, refs) -> dict:
+    out = {"steps_per_s": {}, "ratio_vs": {ref: {} for ref in refs}}
+    for impl in impls:
+        out["steps_per_s"][impl.name] = statistics.median(rates[impl.name])
+        for ref in refs:
+            paired = [a / b for a, b in zip(rates[impl.name], rates[ref])]
+            out["ratio_vs"][ref][impl.name] = statistics.median(paired)
+    return out
+
+
+def print_table(impls, rates, summary, refs) -> None:
+    head = f"{'implementation':<52} {'steps/s':>9} {'min':>8} {'max':>8}" + "".join(f" {'/' + r:>18}" for r in refs)
+    print(head)
+    print("-" * len(head))
+    for impl in impls:
+        r = rates[impl.name]
+        line = f"{impl.label:<52} {summary['steps_per_s'][impl.name]:9.1f} {min(r):8.1f} {max(r):8.1f}"
+        line += "".join(f" {summary['ratio_vs'][ref][impl.name]:18.3f}" for ref in refs)
+        print(line)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=100, help="steps per implementation per round")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (steps // 2)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--num-data", type=int, default=60000, help="N, rows of the per-datapoint table")
+    parser.add_argument("--simulated", action="store_true", help="simulated pixels instead of MNIST")
+    parser.add_argument("--quick", action="store_true", help="tiny run for a smoke test (2 rounds x 3 steps, N=1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.rounds, args.steps, args.num_data = 2, 3, min(args.num_data, 1000)
+    warmup = args.warmup if args.warmup is not None else max(2, args.steps // 2)
+
+    probs, source = pixel_probs(args.simulated, args.num_data, args.seed)
+    data = DynamicBinarized(probs)
+    num_data = data.num_data
+    batches = make_batches(data, args.batch_size, min(args.steps, 100))
+
+    pyro.clear_param_store()
+    torch.manual_seed(args.seed)
+    base = pm.instantiate("vae", "mean-field", num_data=num_data)
+    with torch.no_grad():  # a table that is not all alike, so a row mix-up would show in the loss check
+        base.modules[TABLE].tables["z"].weight[:, :Z_DIM].normal_(0.0, 0.5)
+    check = loss_check(base, batches[0], num_data, args.batch_size)
+    impls = build_impls(base, data, num_data, args.batch_size, args.lr)
+    pyro.set_rng_seed(args.seed)
+
+    rates = measure(impls, batches, args.rounds, args.steps, warmup)
+    refs = ("hand_sparse", "hand_sparse_fused")
+    summary = summarize(impls, rates, refs)
+
+    print(
+        f"per-datapoint guide step: decoder {Z_DIM}-{HIDDEN}-{X_DIM}, table ({num_data}, {2 * Z_DIM}), "
+        f"batch {args.batch_size}, data {source}"
+    )
+    print(
+        f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.rounds} rounds x {args.steps} steps (+{warmup} warm-up), medians over rounds"
+    )
+    print(f"loss check (same weights, same noise): hand {check['hand']:.4f} vs "
+          f"TraceMeanField_ELBO {check['pyro_TraceMeanField_ELBO']:.4f} (rel. diff {check['rel_diff']:.1e})")
+    print_table(impls, rates, summary, refs)
+    engine = {k: summary["ratio_vs"]["hand_sparse"][k] for k in ("engine_trace", "engine_meanfield")}
+    result = {
+        "benchmark": "local_step",
+        "steps_per_s": summary["steps_per_s"],
+        "ratio_vs_hand_sparse": summary["ratio_vs"]["hand_sparse"],
+        "ratio_vs_hand_sparse_fused": summary["ratio_vs"]["hand_sparse_fused"],
+        "engine_vs_hand_sparse": engine,
+        "goal": GOAL,
+        "goal_met": {k: v >= GOAL for k, v in engine.items()},
+        "loss_check": check,
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "warmup": warmup,
+        "batch_size": args.batch_size,
+        "num_data": num_data,
+        "data": "simulated" if args.simulated else "mnist",
+        "loss_scale": "N/batch x batch sum (the -ELBO estimate of the whole data set)",
+    }
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()

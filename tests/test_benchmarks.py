@@ -1,0 +1,68 @@
+"""The benchmark scripts run end to end and report their figures as one JSON line (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120
+
+COMMON_KEYS = {
+    "benchmark",
+    "steps_per_s",
+    "goal",
+    "goal_met",
+    "loss_check",
+    "torch",
+    "pyro",
+    "threads",
+    "rounds",
+    "steps",
+    "warmup",
+    "batch_size",
+    "num_data",
+    "data",
+}
+CASES = {
+    "bench_vae_step.py": (
+        "vae_step",
+        {"ratio_vs_hand", "ratio_vs_hand_fused", "engine_vs_hand"},
+        {"hand", "hand_fused", "pyro_svi", "pyro_dl", "engine_trace", "engine_meanfield", "engine_fit"},
+    ),
+    "bench_local_step.py": (
+        "local_step",
+        {"ratio_vs_hand_sparse", "ratio_vs_hand_sparse_fused", "engine_vs_hand_sparse"},
+        {"hand_sparse", "hand_sparse_fused", "hand_dense", "hand_dense_fused", "engine_trace", "engine_meanfield"},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_quick_run_reports_json(script):
+    name, ratio_keys, impls = CASES[script]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--simulated"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1])
+    assert COMMON_KEYS | ratio_keys <= set(result), sorted(COMMON_KEYS | ratio_keys - set(result))
+    assert result["benchmark"] == name
+    assert result["data"] == "simulated"
+    assert set(result["steps_per_s"]) == impls
+    assert all(v > 0 for v in result["steps_per_s"].values())
+    for key in ratio_keys:
+        assert set(result[key]) <= impls
+    # the hand-written step and the package's model + guide compute the same -ELBO from the same noise
+    assert result["loss_check"]["rel_diff"] < 1e-5
