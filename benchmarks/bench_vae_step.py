@@ -35,16 +35,6 @@ The last line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import statistics
-import sys
-import time
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
-
 import pyro
 import pyro.optim
 import torch
@@ -53,46 +43,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import ppl_models as pm
+from harness import HIDDEN, X_DIM, Z_DIM, Impl, measure, parser, prepare, pyro_scope, report
 from ppl_models.data import DynamicBinarized
 from ppl_models.infer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
-X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 GOAL = 0.95
-
-
-# ----------------------------------------------------------------------------------------- data
-def pixel_probs(simulated: bool, num_data: int | None, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """Pixel probabilities ``(N, 784)``: MNIST grey levels, or pixels of a random decoder (``--simulated``)."""
-    if simulated:
-        n = num_data or 10000
-        gen = torch.Generator().manual_seed(seed)
-        decoder = nn.Sequential(nn.Linear(Z_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, X_DIM))
-        with torch.no_grad():
-            for p in decoder.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            probs = torch.sigmoid(decoder(torch.randn(n, Z_DIM, generator=gen)) - 2.0)
-        return probs, "simulated"
-    from ppl_models.data import load_mnist
-
-    data_dir = os.environ.get("PPL_MODELS_DATA") or str(REPO.parent / "shared" / "data")
-    x, _ = load_mnist("train", data_dir=data_dir, download=False)
-    if num_data:
-        x = x[:num_data]
-    return x, f"mnist-train (dynamic binarization) from {data_dir}"
-
-
-def make_batches(data: DynamicBinarized, batch_size: int, count: int, seed: int = 1):
-    """``count`` batches ``((x,), idx)`` drawn as the engine draws them (shuffled rows, fresh binarization)."""
-    gen = torch.Generator().manual_seed(seed)
-    batches, perm, pos = [], torch.randperm(data.num_data, generator=gen), 0
-    for _ in range(count):
-        if pos + batch_size > data.num_data:
-            perm, pos = torch.randperm(data.num_data, generator=gen), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
-        batches.append((data.batch(idx, gen), idx))
-    return batches
 
 
 # ------------------------------------------------------------------------------ hand-written VAE
@@ -135,30 +90,6 @@ class HandVAE(nn.Module):
 
 
 # ------------------------------------------------------------------------------ implementations
-class Impl:
-    """One implementation: ``step(batch) -> float`` and the context its steps run in."""
-
-    def __init__(self, name: str, label: str, step, context=nullcontext, informational: bool = False):
-        self.name, self.label, self.step, self.context, self.informational = name, label, step, context, informational
-
-
-def pyro_scope(validation: bool | None = None):
-    """A private Pyro param store for one implementation (the VAE's parameter names are shared),
-    with Pyro validation set to ``validation`` (``None``: left as it is)."""
-    state = {"params": {}, "constraints": {}}
-
-    @contextmanager
-    def context():
-        with pyro.get_param_store().scope(state):
-            if validation is None:
-                yield
-            else:
-                with pyro.validation_enabled(validation):
-                    yield
-
-    return context
-
-
 def fresh_instance(base: pm.Instance, num_data: int) -> pm.Instance:
     inst = pm.instantiate("vae", "amortized", num_data=num_data)
     inst.modules.load_state_dict(base.modules.state_dict())
@@ -244,81 +175,10 @@ def loss_check(base: pm.Instance, batch, num_data: int, batch_size: int) -> dict
     return {"hand": hand, "pyro_TraceMeanField_ELBO": pyro_loss, "rel_diff": abs(hand - pyro_loss) / abs(pyro_loss)}
 
 
-# ---------------------------------------------------------------------------------------- timing
-def run_steps(impl: Impl, batches, steps: int) -> float:
-    """Seconds for ``steps`` steps of ``impl``."""
-    with impl.context():
-        if isinstance(impl.step, Trainer):  # the whole fit loop
-            trainer = impl.step
-            trainer.max_steps = trainer.step + steps
-            start = time.perf_counter()
-            trainer.fit()
-            return time.perf_counter() - start
-        start = time.perf_counter()
-        for i in range(steps):
-            loss = impl.step(batches[i % len(batches)])
-        elapsed = time.perf_counter() - start
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"{impl.name}: non-finite loss {loss}")
-    return elapsed
-
-
-def measure(impls, batches, rounds: int, steps: int, warmup: int) -> dict:
-    for impl in impls:
-        run_steps(impl, batches, warmup)
-    rates = {impl.name: [] for impl in impls}
-    for r in range(rounds):
-        k = r % len(impls)
-        for impl in impls[k:] + impls[:k]:
-            rates[impl.name].append(steps / run_steps(impl, batches, steps))
-    return rates
-
-
-def summarize(impls, rates, refs=("hand", "hand_fused")) -> dict:
-    out = {"steps_per_s": {}, "ratio_vs": {ref: {} for ref in refs}}
-    for impl in impls:
-        out["steps_per_s"][impl.name] = statistics.median(rates[impl.name])
-        for ref in refs:
-            paired = [a / b for a, b in zip(rates[impl.name], rates[ref])]
-            out["ratio_vs"][ref][impl.name] = statistics.median(paired)
-    return out
-
-
-def print_table(impls, rates, summary, refs=("hand", "hand_fused")) -> None:
-    head = f"{'implementation':<52} {'steps/s':>9} {'min':>8} {'max':>8}" + "".join(f" {'/' + r:>12}" for r in refs)
-    print(head)
-    print("-" * len(head))
-    for impl in impls:
-        r = rates[impl.name]
-        line = f"{impl.label:<52} {summary['steps_per_s'][impl.name]:9.1f} {min(r):8.1f} {max(r):8.1f}"
-        line += "".join(f" {summary['ratio_vs'][ref][impl.name]:12.3f}" for ref in refs)
-        print(line)
-
-
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=100, help="steps per implementation per round")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (steps // 2)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--num-data", type=int, default=None, help="rows of the data set (all / 10000 simulated)")
-    parser.add_argument("--simulated", action="store_true", help="simulated pixels instead of MNIST")
-    parser.add_argument("--quick", action="store_true", help="tiny run for a smoke test (2 rounds x 3 steps)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.rounds, args.steps = 2, 3
-        args.num_data = args.num_data or 1000
-    warmup = args.warmup if args.warmup is not None else max(2, args.steps // 2)
-
-    probs, source = pixel_probs(args.simulated, args.num_data, args.seed)
-    data = DynamicBinarized(probs)
+    args = parser(__doc__.split("\n")[0], None, "rows of the data set (all / 10000 simulated)").parse_args(argv)
+    warmup, data, source, batches = prepare(args)
     num_data = data.num_data
-    batches = make_batches(data, args.batch_size, min(args.steps, 100))
 
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
@@ -326,43 +186,10 @@ def main(argv=None) -> dict:
     check = loss_check(base, batches[0], num_data, args.batch_size)
     impls = build_impls(base, data, num_data, args.batch_size, args.lr)
     pyro.set_rng_seed(args.seed)
-
     rates = measure(impls, batches, args.rounds, args.steps, warmup)
-    summary = summarize(impls, rates)
-
-    print(f"VAE 784-{HIDDEN}-{Z_DIM} training step, batch {args.batch_size}, data {source} (N={num_data})")
-    print(
-        f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads, "
-        f"{args.rounds} rounds x {args.steps} steps (+{warmup} warm-up), medians over rounds"
-    )
-    print(f"loss check (same weights, same noise): hand {check['hand']:.4f} vs "
-          f"TraceMeanField_ELBO {check['pyro_TraceMeanField_ELBO']:.4f} (rel. diff {check['rel_diff']:.1e})")
-    print_table(impls, rates, summary)
-    engine = {k: summary["ratio_vs"]["hand"][k] for k in ("engine_trace", "engine_meanfield")}
-    result = {
-        "benchmark": "vae_step",
-        "steps_per_s": summary["steps_per_s"],
-        "ratio_vs_hand": summary["ratio_vs"]["hand"],
-        "ratio_vs_hand_fused": summary["ratio_vs"]["hand_fused"],
-        "engine_vs_hand": engine,
-        "goal": GOAL,
-        "goal_met": {k: v >= GOAL for k, v in engine.items()},
-        "informational": [impl.name for impl in impls if impl.informational],
-        "loss_check": check,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
-        "num_data": num_data,
-        "data": "simulated" if args.simulated else "mnist",
-        "loss_scale": "N/batch x batch sum (the -ELBO estimate of the whole data set)",
-    }
-    print(json.dumps(result))
-    sys.stdout.flush()
-    return result
+    title = f"VAE {X_DIM}-{HIDDEN}-{Z_DIM} training step, batch {args.batch_size}, data {source} (N={num_data})"
+    return report("vae_step", title, args, warmup, impls, rates, ("hand", "hand_fused"), check, GOAL,
+                  {"num_data": num_data})
 
 
 if __name__ == "__main__":

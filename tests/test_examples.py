@@ -1,7 +1,6 @@
 """End to end on real MNIST: the example script with tiny flags, the CLI, SIGTERM in a real process."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -417,7 +417,7 @@ def test_unknown_covariance_kind_lists_the_valid_ones():
 def test_bayesian_model_collapsed_density_is_prior_plus_exact_log_likelihood():
     _, x, _ = simulated(40)
     inst = pm.instantiate("bayesian-gmm", "mean-field", num_data=40, model_kwargs={"num_components": 3})
-    prior = inst.modules["prior"].double()
+    inst.modules["prior"].double()
     values = {
         "weights": torch.tensor(TRUE_WEIGHTS, dtype=F64),
         "locs": torch.tensor(TRUE_LOCS, dtype=F64),

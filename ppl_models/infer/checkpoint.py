@@ -14,7 +14,6 @@ step), the epoch's permutation of the data, and the training history.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path

@@ -36,7 +36,7 @@ import torch
 from pyro import poutine
 
 from guides.families import row_size, site_distribution
-from ppl_models.registry import UnknownNameError, get_guide, guide_names
+from ppl_models.registry import UnknownNameError
 from ppl_models.spec import ModelSpec, data_plate
 
 __all__ = [
