@@ -48,7 +48,8 @@ def build(strategy, args, num_data):
     guide_kwargs = {} if guide_name in (None, "mean-field") else {"hidden_dims": args.hidden_dims}
     inst = pm.instantiate("vae", guide_name, num_data=num_data, model_kwargs=model_kwargs, guide_kwargs=guide_kwargs)
     guide, step = make_strategy(strategy, inst.model, inst.guide, inst.spec, dict(inst.modules),
-                                num_steps=args.inner_steps, lr=args.inner_lr, refine_grad=args.refine_grad)
+                                num_steps=args.inner_steps, lr=args.inner_lr, refine_grad=args.refine_grad,
+                                optimizer=args.inner_optimizer)
     return inst, guide, step
 
 
@@ -57,7 +58,8 @@ def test_guide(strategy, inst, guide, num_steps, args):
     if strategy in ("amortized",):
         return guide
     encoder = inst.modules["encoder"] if strategy == "semi-amortized" else None
-    return RefiningGuide(inst.model, inst.spec, num_steps=num_steps, lr=args.inner_lr, encoder=encoder)
+    return RefiningGuide(inst.model, inst.spec, num_steps=num_steps, lr=args.inner_lr, encoder=encoder,
+                         optimizer=args.inner_optimizer)
 
 
 def score(inst, guide, test, args, seed):
@@ -90,7 +92,8 @@ def main(args):
         if strategy == "amortized":
             gap = {"elbo_encoder": elbo, "iwae": ll}
             for k in (20, 100):
-                refined = RefiningGuide(inst.model, inst.spec, num_steps=k, lr=args.inner_lr, encoder=inst.modules["encoder"])
+                refined = RefiningGuide(inst.model, inst.spec, num_steps=k, lr=args.inner_lr,
+                                        encoder=inst.modules["encoder"], optimizer=args.inner_optimizer)
                 (gap[f"elbo_refined_{k}"], _), _ = score(inst, refined, test, args, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +137,9 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--inner-steps", type=int, default=10, help="K for svi-inner and semi-amortized")
-    parser.add_argument("--inner-lr", type=float, default=0.1)
+    parser.add_argument("--inner-lr", type=float, default=0.05)
+    parser.add_argument("--inner-optimizer", default="adam", choices=["sgd", "adam"],
+                        help="refinement steps on λ: Adam (default) or the lecture's plain gradient steps")
     parser.add_argument("--refine-grad", default="stop", choices=["stop", "end-to-end"])
     parser.add_argument("--test-steps", type=int, default=100, help="K fitting λ of test images for svi-local")
     parser.add_argument("--num-test", type=int, default=1000)

@@ -94,6 +94,7 @@ class TrainConfig:
     inner_steps: int = 20  # K refinement steps on λ (svi-inner, semi-amortized)
     inner_lr: float = 0.1  # their step size α
     refine_grad: str = "stop"  # semi-amortized: "stop" or "end-to-end"
+    inner_optimizer: str = "sgd"  # the refinement's steps: "sgd" (the lecture's) or "adam"
     elbo: str = "Trace_ELBO"
     num_particles: int = 1
     optimizer: str = "adam"

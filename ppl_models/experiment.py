@@ -115,7 +115,7 @@ class Experiment:
         if t.strategy is not None:
             instance.guide, instance.step = make_strategy(
                 t.strategy, instance.model, instance.guide, instance.spec, dict(instance.modules),
-                num_steps=t.inner_steps, lr=t.inner_lr, refine_grad=t.refine_grad,
+                num_steps=t.inner_steps, lr=t.inner_lr, refine_grad=t.refine_grad, optimizer=t.inner_optimizer,
             )
             instance.guide_name = f"{t.strategy} ({guide_name})" if guide_name else t.strategy
         return instance

@@ -87,7 +87,7 @@ def test_inference_strategies_example_runs_with_tiny_flags(tmp_path, shared_data
 
     parser_args = Namespace(
         strategies=["svi-local", "svi-inner", "amortized", "semi-amortized"], budget=1.0, z_dim=4, hidden_dims=[32],
-        lr=1e-3, batch_size=64, inner_steps=3, inner_lr=0.1, refine_grad="stop", test_steps=5, num_test=8,
+        lr=1e-3, batch_size=64, inner_steps=3, inner_lr=0.1, inner_optimizer="adam", refine_grad="stop", test_steps=5, num_test=8,
         num_samples=4, eval_batch_size=8, limit_train=256, data_dir=None, seed=0, out=str(tmp_path), no_progress=True,
     )
     report = inference_strategies.main(parser_args)

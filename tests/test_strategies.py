@@ -74,12 +74,14 @@ def test_zero_refinement_steps_is_the_amortized_guide():
     torch.testing.assert_close(a, b)
 
 
-def test_semi_amortized_elbo_exceeds_amortized_at_the_same_parameters():
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("adam", 0.05)])
+def test_semi_amortized_elbo_exceeds_amortized_at_the_same_parameters(optimizer, lr):
     inst, x = small_vae()
     data = TensorDataset(x)
     amortized = evaluate(inst.model, inst.guide, data, spec=inst.spec, num_samples=200, progress=False,
                          generator=torch.Generator().manual_seed(0))
-    refining = RefiningGuide(inst.model, inst.spec, num_steps=20, lr=0.1, encoder=inst.modules["encoder"])
+    refining = RefiningGuide(inst.model, inst.spec, num_steps=20, lr=lr, encoder=inst.modules["encoder"],
+                             optimizer=optimizer)
     semi = evaluate(inst.model, refining, data, spec=inst.spec, num_samples=200, progress=False,
                     generator=torch.Generator().manual_seed(0))
     gain = semi.elbo - amortized.elbo
@@ -146,5 +148,10 @@ def test_strategy_names():
     inst, _ = small_vae()
     with pytest.raises(UnknownNameError, match="unknown refine_grad 'both'"):
         make_strategy("semi-amortized", inst.model, inst.guide, inst.spec, dict(inst.modules), refine_grad="both")
+    with pytest.raises(UnknownNameError, match="unknown inner optimizer 'rmsprop'; valid inner optimizers: adam, sgd"):
+        make_strategy("svi-inner", inst.model, None, inst.spec, {}, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="inner optimizer 'adam' is not differentiable"):
+        refine(inst.model, inst.spec, initial_lambda(inst.spec, 4), (torch.zeros(4, 20),), None, num_steps=1, lr=0.1,
+               create_graph=True, optimizer="adam")
     with pytest.raises(ValueError, match="needs an amortized guide with an 'encoder'"):
         make_strategy("semi-amortized", inst.model, inst.guide, inst.spec, {"decoder": inst.modules["decoder"]})
