@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import ppl_models as pm
-from harness import HIDDEN, X_DIM, Z_DIM, Impl, measure, parser, prepare, pyro_scope, report
+from harness import HIDDEN, X_DIM, Z_DIM, Impl, fresh_instance, measure, parser, prepare, pyro_scope, report
 from ppl_models.data import DynamicBinarized
 from ppl_models.infer import Trainer
 
@@ -89,12 +89,6 @@ class HandLocal(nn.Module):
         return [torch.optim.Adam([self.table, *decoder], lr=lr, fused=fused)]
 
 
-def fresh_instance(base: pm.Instance, num_data: int) -> pm.Instance:
-    inst = pm.instantiate("vae", "mean-field", num_data=num_data)
-    inst.modules.load_state_dict(base.modules.state_dict())
-    return inst
-
-
 def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_size: int, lr: float):
     scale = num_data / batch_size
     impls = []
@@ -123,7 +117,7 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         ("engine_trace", "e. engine Trainer.train_step, Trace_ELBO", "Trace_ELBO"),
         ("engine_meanfield", "e. engine Trainer.train_step, TraceMeanField_ELBO", "TraceMeanField_ELBO"),
     ):
-        inst = fresh_instance(base, num_data)
+        inst = fresh_instance(base, "mean-field", num_data)
         trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False)
         impls.append(Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope()))
     return impls
@@ -133,7 +127,7 @@ def loss_check(base: pm.Instance, batch, num_data: int, batch_size: int) -> dict
     """Same weights and noise: the hand-written loss against TraceMeanField_ELBO on the package's model and guide."""
     (x,), idx = batch
     net = HandLocal(num_data, True).copy_from(base.modules)
-    inst = fresh_instance(base, num_data)
+    inst = fresh_instance(base, "mean-field", num_data)
     with torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
         torch.manual_seed(1234)
         hand = net.loss(x, idx, num_data / batch_size).item()

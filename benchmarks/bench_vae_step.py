@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import ppl_models as pm
-from harness import HIDDEN, X_DIM, Z_DIM, Impl, measure, parser, prepare, pyro_scope, report
+from harness import HIDDEN, X_DIM, Z_DIM, Impl, fresh_instance, measure, parser, prepare, pyro_scope, report
 from ppl_models.data import DynamicBinarized
 from ppl_models.infer import Trainer
 
@@ -90,12 +90,6 @@ class HandVAE(nn.Module):
 
 
 # ------------------------------------------------------------------------------ implementations
-def fresh_instance(base: pm.Instance, num_data: int) -> pm.Instance:
-    inst = pm.instantiate("vae", "amortized", num_data=num_data)
-    inst.modules.load_state_dict(base.modules.state_dict())
-    return inst
-
-
 def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_size: int, lr: float):
     scale = num_data / batch_size
     impls = []
@@ -118,7 +112,7 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         impls.append(Impl(name, label, step))
 
     # c. Pyro SVI
-    inst = fresh_instance(base, num_data)
+    inst = fresh_instance(base, "amortized", num_data)
     svi = SVI(inst.model, inst.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
     impls.append(
         Impl(
@@ -130,7 +124,7 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
     )
 
     # d. differentiable_loss + torch Adam
-    inst = fresh_instance(base, num_data)
+    inst = fresh_instance(base, "amortized", num_data)
     elbo = Trace_ELBO()
     opt = torch.optim.Adam(inst.modules.parameters(), lr=lr)
 
@@ -149,14 +143,14 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         ("engine_trace", "e. engine Trainer.train_step, Trace_ELBO", "Trace_ELBO"),
         ("engine_meanfield", "e. engine Trainer.train_step, TraceMeanField_ELBO", "TraceMeanField_ELBO"),
     ):
-        inst = fresh_instance(base, num_data)
+        inst = fresh_instance(base, "amortized", num_data)
         trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False)
         impls.append(
             Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope())
         )
 
     # f. the engine's whole loop (its own batches: shuffling and dynamic binarization included)
-    inst = fresh_instance(base, num_data)
+    inst = fresh_instance(base, "amortized", num_data)
     trainer = Trainer(inst.model, inst.guide, data, lr=lr, batch_size=batch_size, progress=False, num_epochs=10**9)
     impls.append(Impl("engine_fit", "f. engine Trainer.fit (own data, informational)", trainer, pyro_scope(), True))
     return impls
@@ -166,7 +160,7 @@ def loss_check(base: pm.Instance, batch, num_data: int, batch_size: int) -> dict
     """Same weights and noise: the hand-written loss against Pyro's TraceMeanField_ELBO on the package's model."""
     (x,), idx = batch
     net = HandVAE().copy_from(base.modules)
-    inst = fresh_instance(base, num_data)
+    inst = fresh_instance(base, "amortized", num_data)
     with torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
         torch.manual_seed(1234)
         hand = net.loss(x, num_data / batch_size).item()

@@ -21,6 +21,7 @@ import pyro
 import torch
 from torch import nn
 
+import ppl_models as pm
 from ppl_models.data import DynamicBinarized, load_mnist
 from ppl_models.infer import Trainer
 
@@ -79,6 +80,13 @@ def pyro_scope(validation: bool | None = None):
                     yield
 
     return context
+
+
+def fresh_instance(base, guide: str, num_data: int):
+    """A new instance of the VAE with ``guide``, starting from ``base``'s weights."""
+    inst = pm.instantiate("vae", guide, num_data=num_data)
+    inst.modules.load_state_dict(base.modules.state_dict())
+    return inst
 
 
 def run_steps(impl: Impl, batches, steps: int) -> float:

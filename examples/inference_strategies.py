@@ -44,7 +44,7 @@ def build(strategy, args, num_data):
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     model_kwargs = {"z_dim": args.z_dim, "hidden_dims": args.hidden_dims}
-    guide_name = guide_for_strategy(strategy, "vae")
+    guide_name = guide_for_strategy(strategy)
     guide_kwargs = {} if guide_name in (None, "mean-field") else {"hidden_dims": args.hidden_dims}
     inst = pm.instantiate("vae", guide_name, num_data=num_data, model_kwargs=model_kwargs, guide_kwargs=guide_kwargs)
     guide, step = make_strategy(strategy, inst.model, inst.guide, inst.spec, dict(inst.modules),

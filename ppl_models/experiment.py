@@ -13,7 +13,6 @@ example scripts.  A run directory holds::
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +98,7 @@ class Experiment:
         t = self.config.train
         guide_name = self.config.guide.name
         if t.strategy is not None:
-            implied = guide_for_strategy(t.strategy, self.config.model.name)
+            implied = guide_for_strategy(t.strategy)
             if implied is None and guide_name is not None:
                 raise ConfigError(f"strategy {t.strategy!r} makes its own guide; remove [guide].name = {guide_name!r}")
             guide_name = guide_name or implied
@@ -231,7 +230,3 @@ class Experiment:
             both = torch.cat([x.reshape(n, -1), recon.reshape(n, -1)])
             title = "data (top) and reconstructions (bottom)"
             plot_image_grid(both, self.run_dir / "reconstructions.png", title, ncols=n)
-
-
-def read_metrics(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "metrics.json").read_text())

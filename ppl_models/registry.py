@@ -87,9 +87,6 @@ class Instance:
     modules: nn.ModuleDict  # every network of model and guide, by name
     step: Optional[Callable] = None  # a strategy's step rule for the engine (None: the joint step)
 
-    def data_kwargs(self, num_data: int | None) -> dict:
-        return {} if num_data is None else {"num_data": num_data}
-
 
 _MODELS: Dict[str, ModelEntry] = {}
 _GUIDES: Dict[tuple, GuideEntry] = {}

@@ -101,10 +101,6 @@ class ModelSpec:
         valid = ", ".join(s.name for s in self.local_latents) or "(none)"
         raise KeyError(f"model {self.name!r} has no local latent site {name!r}; its local latents are: {valid}")
 
-    @property
-    def site_names(self) -> Tuple[str, ...]:
-        return tuple(s.name for s in self.local_latents)
-
 
 def check_tensor(
     site: str,

@@ -57,7 +57,7 @@ REFINE_GRADS = ("stop", "end-to-end")
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 
-def guide_for_strategy(strategy: str, model_name: str) -> Optional[str]:
+def guide_for_strategy(strategy: str) -> Optional[str]:
     """The guide a strategy trains (``None`` for ``svi-inner``, whose :math:`\\lambda` live per minibatch)."""
     if strategy not in STRATEGIES:
         raise UnknownNameError("strategy", strategy, STRATEGIES)
@@ -223,7 +223,7 @@ def make_strategy(name: str, model: Callable, instance_guide: Callable, spec: Mo
                   refine_grad: str = "stop", optimizer: str = "sgd"):
     """``(guide, step)`` for the strategy ``name``: the guide the engine trains and evaluates, and the step
     rule (``None``: the engine's joint step on every parameter)."""
-    guide_for_strategy(name, "")  # validates the name
+    guide_for_strategy(name)  # validates the name
     if refine_grad not in REFINE_GRADS:
         raise UnknownNameError("refine_grad", refine_grad, REFINE_GRADS)
     if optimizer not in INNER_OPTIMIZERS:
