@@ -1,0 +1,472 @@
+r"""The engine's fast path: Pyro's ELBO captured once as a pure tensor function of (parameters, batch, noise).
+
+Every Pyro step re-runs the guide and the model through Pyro's effect handlers, builds two traces,
+re-registers every ``pyro.module`` parameter and scores every site in Python.  For a given model,
+guide, objective and batch shape that work is the same every step; only the numbers change.  The fast
+path does it once and keeps only the numbers:
+
+1. **Capture.** ``make_fx`` (real tensors) records the aten operations that Pyro's own objective runs:
+   the guide and the model replayed on its draws (``elbo._get_traces``) and the surrogate loss of
+   ``elbo._differentiable_loss_particle`` — so plates, ``num_data / batch`` scales, masks, analytic KLs
+   (``TraceMeanField_ELBO``) and particle averaging are Pyro's, not re-implemented.
+2. **Rewrite** the recorded graph into ``loss = f(parameters, batch, noise)``:
+
+   * tensors that are parameters of the Pyro param store become inputs (the live tensors the optimizer
+     updates, so the engine's optimizer and checkpoints are unchanged);
+   * every random draw (``normal_`` on a fresh buffer, ...) moves to a separate *noise* graph, run
+     eagerly before the loss with torch's global generator: the same draws, in the same order, as
+     Pyro's eager step, so trajectories match;
+   * scalar reads (``.item()`` of input checks such as ``check_tensor`` and of Pyro's ``torch_item``)
+     are dropped: they do not feed the loss.
+3. **Verify.** The graph is captured again on the next batch (other data, other noise, parameters one
+   step on); the two must be identical — operations, constants and parameters — or the structure
+   depends on values (dynamic control flow, a scalar burned into an operation) and the engine falls back.
+4. **Run.** ``loss = f(*params, *batch, *noise); loss.backward()`` eagerly (``mode="eager"``), or under
+   ``torch.compile`` (inductor; forward and backward compiled and fused, ``mode="compile"``), or eagerly
+   first and compiled only when the rest of the run repays the compile time (``mode="auto"``, see
+   :data:`AUTO_COMPILE_COST_S`).  The engine's optimizer (fused Adam for dense parameters, ``SparseAdam``
+   for per-datapoint tables) then steps.
+
+Unsupported, with a one-line notice and Pyro's ELBO instead (:class:`FastPathUnsupported`): objectives
+other than ``Trace_ELBO`` / ``TraceMeanField_ELBO``, guide sites without ``rsample`` (discrete or
+score-function sites), enumerated sites, model latents absent from the guide, random draws that depend
+on the inputs, a graph that changes between batches.  Pyro validation steps (the first step, or
+``validate="always"``) always run through Pyro, so the first step checks everything Pyro checks.
+A new batch shape (the short last batch of an epoch) gets its own capture (eager; only the first
+shape is compiled).
+
+Not covered by the verification: control flow on values that takes the same branch on both captured
+batches (:class:`FastPath`'s ``verify_every=K`` re-captures every K steps and compares again).  A
+parameter replaced in the param store after the capture also falls back.
+
+Private APIs: ``make_fx(..., _error_on_data_dependent_ops=False)`` and Pyro's ``ELBO._get_traces`` /
+``_differentiable_loss_particle`` (torch 2.13, pyro 1.9.2).  If a later version changes them the capture
+fails, and the engine says so in its notice and runs Pyro's ELBO.
+
+Speed (``benchmarks/bench_fast_path.py``): the eager captured step removes Pyro's per-step Python work;
+compiling fuses the elementwise work around the matrix products, which dominate a VAE step on a CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from torch import fx
+
+__all__ = [
+    "FAST_PATH_MODES",
+    "FastPathUnsupported",
+    "CapturedLoss",
+    "capture_loss",
+    "FastPath",
+    "fast_path_mode",
+    "make_fast_path",
+]
+
+aten = torch.ops.aten
+
+#: Values of the engine's ``fast_path`` option: off, the captured graph run eagerly, compiled, or "auto":
+#: eager for :data:`AUTO_PROBE_STEPS` steps, then compiled only if the steps the run still plans, at the
+#: measured eager step time, would save more than the expected compile time.
+FAST_PATH_MODES = (False, True, "eager", "compile", "auto")
+
+#: "auto": eager steps timed before deciding.
+AUTO_PROBE_STEPS = 50
+#: "auto": expected seconds to compile.  Measured by benchmarks/bench_fast_path.py (VAE 784-400-20, the
+#: project's 2-core machine under other jobs' load): 84 s with a cold inductor cache, ~25 s warm.
+AUTO_COMPILE_COST_S = 90.0
+#: "auto": fraction of the eager step time compiling is expected to save (same script: 7-17 %).
+AUTO_COMPILE_SAVING = 0.07
+
+_SUPPORTED_ELBOS = (Trace_ELBO, TraceMeanField_ELBO)
+
+
+class FastPathUnsupported(RuntimeError):
+    """The model, guide or objective is outside what the fast path captures; the message says why."""
+
+
+def fast_path_mode(value) -> Optional[str]:
+    """Normalise the ``fast_path`` option: ``None`` (off), ``"eager"``, ``"compile"`` or ``"auto"``."""
+    if value is False or value is None or value == "off":
+        return None
+    if value is True or value == "eager":
+        return "eager"
+    if value in ("compile", "auto"):
+        return value
+    raise ValueError(f"fast_path: expected one of false, true, 'eager', 'compile', 'auto'; received {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- capture
+@dataclass
+class CapturedLoss:
+    """``loss = graph(*params, *tensors, *noise_graph())``: the captured surrogate loss (see module docstring).
+
+    :param graph: the loss graph; inputs: parameters, then the batch's tensors, then the noise.
+    :param noise_graph: no inputs; returns the tuple of noise tensors, drawn as Pyro draws them.
+    :param param_names: param-store names of the parameter inputs, in order.
+    :param params: the live parameter tensors, in order.
+    :param signature: what two captures must share to be the same program.
+    :param sparse: whether some parameter gets a sparse gradient (``embedding(sparse=True)``).
+    """
+
+    graph: fx.GraphModule
+    noise_graph: fx.GraphModule
+    param_names: List[str]
+    params: List[torch.Tensor]
+    signature: tuple
+    sparse: bool
+    constants: List[torch.Tensor] = field(default_factory=list)
+
+    def same_program(self, other: "CapturedLoss") -> bool:
+        if self.signature != other.signature or len(self.constants) != len(other.constants):
+            return False
+        return all(a.shape == b.shape and bool(torch.equal(a, b)) for a, b in zip(self.constants, other.constants))
+
+    def __call__(self, tensors, noise=None) -> torch.Tensor:
+        noise = self.noise_graph() if noise is None else noise
+        return self.graph(*self.params, *tensors, *noise)
+
+
+def _check_structure(model_trace, guide_trace) -> None:
+    """Raise :class:`FastPathUnsupported` for sites the captured graph would not handle like Pyro."""
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        if site["infer"].get("enumerate"):
+            raise FastPathUnsupported(f"guide site {name!r} is enumerated")
+        if not getattr(site["fn"], "has_rsample", False):
+            raise FastPathUnsupported(
+                f"guide site {name!r} ({type(site['fn']).__name__}) is not reparameterizable "
+                "(score-function gradients)"
+            )
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            if name not in guide_trace.nodes:
+                raise FastPathUnsupported(f"model latent site {name!r} has no guide site")
+            if site["infer"].get("enumerate"):
+                raise FastPathUnsupported(f"model site {name!r} is enumerated")
+
+
+def _loss_function(elbo, model, guide, template: tuple, kwargs: dict):
+    """``f(*tensors) -> surrogate loss``: Pyro's objective for the arguments ``template`` with its tensors replaced."""
+    positions = [i for i, a in enumerate(template) if isinstance(a, torch.Tensor)]
+
+    def loss(*tensors):
+        args = list(template)
+        for i, t in zip(positions, tensors):
+            args[i] = t
+        total = 0.0
+        with pyro.validation_enabled(False):
+            for model_trace, guide_trace in elbo._get_traces(model, guide, tuple(args), kwargs):
+                _check_structure(model_trace, guide_trace)
+                _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
+                total = total + surrogate / elbo.num_particles
+        if not isinstance(total, torch.Tensor):
+            raise FastPathUnsupported("the objective does not depend on any tensor")
+        return total
+
+    return loss
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _ancestors(node: fx.Node) -> List[fx.Node]:
+    seen, stack, out = set(), [node], []
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                out.append(a)
+                stack.append(a)
+    return out
+
+
+def capture_loss(elbo, model, guide, args: tuple, kwargs: dict) -> CapturedLoss:
+    """Capture Pyro's ``elbo`` for ``model``/``guide`` on ``args`` (tensors and ``None``) as a :class:`CapturedLoss`.
+
+    Runs guide and model once (the generators' state is restored afterwards, so the caller's next draw
+    is the one Pyro would make).  Raises :class:`FastPathUnsupported` with the reason.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if type(elbo) not in _SUPPORTED_ELBOS:
+        raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
+    for a in args:
+        if a is not None and not isinstance(a, torch.Tensor):
+            raise FastPathUnsupported(f"argument of type {type(a).__name__} (only tensors and None)")
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    fn = _loss_function(elbo, model, guide, tuple(args), kwargs)
+    store = pyro.get_param_store()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gm = make_fx(fn, tracing_mode="real", _error_on_data_dependent_ops=False)(*tensors)
+        except FastPathUnsupported:
+            raise
+        except Exception as exc:  # anything make_fx cannot record
+            raise FastPathUnsupported(f"capture failed: {_first_line(exc)}") from exc
+    param_by_id = {id(t): name for name, t in store._params.items()}
+    try:
+        return _rewrite(gm, len(tensors), param_by_id, store)
+    except FastPathUnsupported:
+        raise
+    except Exception as exc:  # a graph the rewrite does not understand
+        raise FastPathUnsupported(f"rewriting the captured graph failed: {_first_line(exc)}") from exc
+
+
+def _rewrite(gm: fx.GraphModule, num_inputs: int, param_by_id: Dict[int, str], store) -> CapturedLoss:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != num_inputs:
+        raise FastPathUnsupported("captured graph has an unexpected signature")
+    # 1. scalar reads feed no tensor of the graph: drop them
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten._local_scalar_dense.default:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    # 2. parameters of the param store become the first inputs
+    param_nodes: Dict[str, fx.Node] = {}
+    param_names: List[str] = []
+    constants: List[torch.Tensor] = []
+    const_nodes: List[str] = []
+    first = placeholders[0] if placeholders else next(iter(graph.nodes))
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = getattr(gm, node.target)
+        name = param_by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if name is None:
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                raise FastPathUnsupported(
+                    f"a tensor that requires grad is not a Pyro parameter ({tuple(value.shape)}); "
+                    "register it with pyro.param or pyro.module"
+                )
+            const_nodes.append(node.target)
+            constants.append(value.detach() if isinstance(value, torch.Tensor) else value)
+            continue
+        if name not in param_nodes:
+            with graph.inserting_before(first):
+                param_nodes[name] = graph.placeholder(f"param_{len(param_names)}")
+            param_names.append(name)
+        node.replace_all_uses_with(param_nodes[name])
+        graph.erase_node(node)
+    # 3. random draws move to the noise graph
+    random_nodes = [
+        n for n in graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in n.target.tags
+    ]
+    noise_graph = fx.Graph()
+    copied: Dict[fx.Node, fx.Node] = {}
+    noise_outputs = []
+    last_input = placeholders[-1] if placeholders else None
+    for k, node in enumerate(random_nodes):
+        ancestors = _ancestors(node)
+        if any(a.op == "placeholder" for a in ancestors):
+            raise FastPathUnsupported(
+                f"random draw {node.target} depends on the batch or the parameters "
+                "(a sampler without a fixed-noise reparameterization)"
+            )
+        members = set(ancestors) | {node}
+        for a in ancestors:
+            if any(u not in members and u not in random_nodes for u in a.users):
+                raise FastPathUnsupported(f"the buffer of random draw {node.target} is used elsewhere")
+        for n in graph.nodes:  # topological order
+            if n in members and n not in copied:
+                if n.op == "get_attr":
+                    raise FastPathUnsupported(f"random draw {node.target} reads a stored tensor")
+                copied[n] = noise_graph.node_copy(n, lambda a: copied[a])
+        noise_outputs.append(copied[node])
+        with graph.inserting_after(last_input) if last_input is not None else graph.inserting_before(first):
+            ph = graph.placeholder(f"noise_{k}")
+        last_input = ph
+        node.replace_all_uses_with(ph)
+    for node in reversed(random_nodes):
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    noise_graph.output(tuple(noise_outputs))
+    # drop the attributes that became inputs or vanished
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for name in list(dict(gm.named_parameters()).keys()) + list(dict(gm.named_buffers()).keys()):
+        if name not in used and "." not in name:
+            delattr(gm, name)
+    for name in list(vars(gm)):
+        if name.startswith("_tensor_constant") and name not in used:
+            delattr(gm, name)
+    graph.lint()
+    gm.recompile()
+    noise_gm = fx.GraphModule(torch.nn.Module(), noise_graph)
+    sparse = any(
+        n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 4 and n.args[4]
+        for n in graph.nodes
+    )
+    params = [store._params[name] for name in param_names]
+    kept = [(t, v) for t, v in zip(const_nodes, constants) if t in used]
+    signature = (
+        gm.code,
+        noise_gm.code,
+        tuple(param_names),
+        tuple((tuple(p.shape), p.dtype) for p in params),
+        tuple(t for t, _ in kept),
+    )
+    return CapturedLoss(gm, noise_gm, param_names, params, signature, sparse,
+                        [v for _, v in kept if isinstance(v, torch.Tensor)])
+
+
+# ------------------------------------------------------------------------------------------- the runner
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _key(args: tuple) -> tuple:
+    return tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
+
+
+class FastPath:
+    """Loss and gradients of ``elbo`` for ``model``/``guide`` from captured graphs, one per batch shape.
+
+    :param elbo: a Pyro ``Trace_ELBO`` or ``TraceMeanField_ELBO`` (its ``max_plate_nesting`` set).
+    :param kwargs: keyword arguments of model and guide (``num_data``).
+    :param mode: ``"eager"``, ``"compile"`` or ``"auto"`` (see :func:`fast_path_mode`).
+    :param planned_steps: steps the run still plans (for ``"auto"``); ``None``: unknown (eager).
+    :param verify_every: re-capture and compare every this many steps (0: only on the second batch).
+    :param notice: where the one-line notices go.
+    """
+
+    def __init__(self, elbo, model: Callable, guide: Callable, kwargs: dict, *, mode: str = "eager",
+                 planned_steps: Optional[int] = None, verify_every: int = 0, notice: Callable[[str], None] = _notice):
+        if type(elbo) not in _SUPPORTED_ELBOS:
+            raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
+        self.elbo, self.model, self.guide, self.kwargs = elbo, model, guide, dict(kwargs)
+        self.mode = mode
+        self.compile = mode == "compile"
+        self.planned_steps = planned_steps
+        self._probe_start: Optional[float] = None
+        self.verify_every = int(verify_every)
+        self.notice = notice
+        self.captured: Dict[tuple, CapturedLoss] = {}
+        self.verified: Dict[tuple, bool] = {}
+        self.runners: Dict[tuple, Callable] = {}
+        self.steps = 0
+        self.disabled: Optional[str] = None  # the reason, once it fell back
+        self.compile_seconds: Optional[float] = None
+        self._compile_key: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ structure
+    def _capture(self, args: tuple) -> CapturedLoss:
+        return capture_loss(self.elbo, self.model, self.guide, args, self.kwargs)
+
+    def _runner(self, key: tuple, cap: CapturedLoss) -> Callable:
+        if self.compile and not cap.sparse and (self._compile_key is None or self._compile_key == key):
+            self._compile_key = key
+            compiled = torch.compile(cap.graph, dynamic=False, fullgraph=True)
+            return compiled
+        if self.compile and cap.sparse and self._compile_key is None:
+            self._compile_key = ("sparse",)
+            self.notice("fast path: not compiling (sparse per-datapoint gradients); running the captured graph eagerly")
+        return cap.graph
+
+    def prepare(self, args: tuple) -> Tuple[tuple, CapturedLoss]:
+        key = _key(args)
+        cap = self.captured.get(key)
+        recheck = self.verify_every > 0 and self.steps > 0 and self.steps % self.verify_every == 0
+        if cap is None:
+            cap = self._capture(args)
+            self.captured[key] = cap
+            self.verified[key] = False
+            self.runners[key] = self._runner(key, cap)
+        elif not self.verified[key] or recheck:
+            again = self._capture(args)
+            if not cap.same_program(again):
+                raise FastPathUnsupported(
+                    "the captured program changed between batches (control flow or constants depend on values)"
+                )
+            self.verified[key] = True
+        params = pyro.get_param_store()._params
+        for name, tensor in zip(cap.param_names, cap.params):
+            if params.get(name) is not tensor:
+                raise FastPathUnsupported(f"parameter {name!r} was replaced in the param store after the capture")
+        return key, cap
+
+    # ------------------------------------------------------------------ one step
+    def loss_and_grads(self, args: tuple) -> float:
+        """The loss value (float) of ``args``; gradients accumulated into the parameters when it is finite."""
+        key, cap = self.prepare(args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        noise = cap.noise_graph()
+        run = self.runners[key]
+        if run is not cap.graph and self.compile_seconds is None:
+            start = time.perf_counter()
+            try:
+                loss = run(*cap.params, *tensors, *noise)
+            except Exception as exc:  # compilation failed: keep the eager graph
+                self.notice(f"fast path: torch.compile failed ({_first_line(exc)}); running the captured graph eagerly")
+                self.runners[key] = run = cap.graph
+                loss = run(*cap.params, *tensors, *noise)
+            self.compile_seconds = time.perf_counter() - start
+        else:
+            loss = run(*cap.params, *tensors, *noise)
+        value = loss.item()
+        if value == value and abs(value) != float("inf"):
+            loss.backward()
+        self.steps += 1
+        if self.mode == "auto" and not self.compile:
+            self._auto_decide()
+        return value
+
+    def _auto_decide(self) -> None:
+        """``"auto"``: after :data:`AUTO_PROBE_STEPS` eager steps, compile when the rest of the run repays it."""
+        if self.steps == 1:
+            self._probe_start = time.perf_counter()
+        elif self.steps == AUTO_PROBE_STEPS + 1 and self._probe_start is not None:
+            step_s = (time.perf_counter() - self._probe_start) / AUTO_PROBE_STEPS
+            left = None if self.planned_steps is None else self.planned_steps - self.steps
+            if left is not None and left * step_s * AUTO_COMPILE_SAVING > AUTO_COMPILE_COST_S:
+                self.compile = True
+                self.runners = {k: self._runner(k, cap) for k, cap in self.captured.items()}
+
+    def try_loss_and_grads(self, args: tuple) -> Optional[float]:
+        """:meth:`loss_and_grads`, or ``None`` when Pyro must take this step: a validation step, or the fast
+        path does not apply (then a one-line notice says why, once, and every later call returns ``None``)."""
+        if self.disabled is not None or is_validation_enabled():
+            return None
+        try:
+            return self.loss_and_grads(args)
+        except FastPathUnsupported as exc:
+            self.disabled = str(exc)
+            self.notice(f"fast path off: {exc}; using Pyro's {type(self.elbo).__name__} for every step")
+            return None
+
+
+def make_fast_path(trainer) -> Optional[FastPath]:
+    """The :class:`FastPath` for an engine :class:`~ppl_models.infer.engine.Trainer` (after its set-up), or
+    ``None`` with a one-line notice when its settings rule it out."""
+    mode = fast_path_mode(trainer.fast_path)
+    if mode is None:
+        return None
+    name = type(trainer._elbo).__name__
+    reason = None
+    if trainer.step_fn is not None:
+        reason = "a strategy's step rule replaces the joint step"
+    elif trainer.validate == "always":
+        reason = "validate='always' checks every step through Pyro"
+    elif type(trainer._elbo) not in _SUPPORTED_ELBOS:
+        reason = f"objective {name} (supported: Trace_ELBO, TraceMeanField_ELBO)"
+    if reason is not None:
+        _notice(f"fast path off: {reason}; using Pyro's {name} for every step")
+        return None
+    total = trainer.max_steps if trainer.max_steps is not None else trainer.num_epochs * trainer.num_batches
+    return FastPath(trainer._elbo, trainer.model, trainer.guide, trainer._loss_kwargs(), mode=mode,
+                    planned_steps=max(0, total - trainer.step))

@@ -1,0 +1,263 @@
+"""The engine's fast path (ppl_models.infer.fastpath): Pyro's ELBO captured once as a tensor function.
+
+Exact tests: for the same parameters and the same noise the captured loss and its gradients equal Pyro's
+(Trace_ELBO, TraceMeanField_ELBO; amortized and per-datapoint guides); a training run with the fast path
+ends at the same parameters as the engine's Pyro path.  Unsupported models fall back with one notice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+import ppl_models as pm
+from ppl_models.data import DynamicBinarized, TensorDataset
+from ppl_models.infer import Trainer
+from ppl_models.infer.fastpath import FastPath, FastPathUnsupported, capture_loss
+
+N, X_DIM = 40, 12
+SMALL = dict(model_kwargs={"z_dim": 3, "hidden_dims": [8], "x_dim": X_DIM})
+
+
+def small_vae(guide: str):
+    guide_kwargs = {"hidden_dims": [8]} if guide == "amortized" else {}
+    return pm.instantiate("vae", guide, num_data=N, guide_kwargs=guide_kwargs, **SMALL)
+
+
+def pixel_data(seed: int = 0) -> DynamicBinarized:
+    return DynamicBinarized(torch.rand(N, X_DIM, generator=torch.Generator().manual_seed(seed)))
+
+
+def pyro_loss_and_grads(elbo, inst, x, idx, seed):
+    torch.manual_seed(seed)
+    with pyro.validation_enabled(False):
+        loss = elbo.differentiable_loss(inst.model, inst.guide, x, idx, num_data=N)
+    params = dict(pyro.get_param_store().named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return loss.item(), dict(zip(params, grads))
+
+
+@pytest.mark.parametrize("elbo_cls", [pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO])
+@pytest.mark.parametrize("guide", ["amortized", "mean-field"])
+def test_captured_loss_and_gradients_equal_pyros(elbo_cls, guide):
+    inst = small_vae(guide)
+    x = torch.rand(10, X_DIM).bernoulli()
+    idx = torch.randperm(N)[:10]
+    elbo = elbo_cls(max_plate_nesting=1)
+    ref, ref_grads = pyro_loss_and_grads(elbo, inst, x, idx, seed=7)  # also registers the parameters
+    cap = capture_loss(elbo, inst.model, inst.guide, (x, idx), {"num_data": N})
+    torch.manual_seed(7)
+    loss = cap((x, idx))
+    grads = dict(zip(cap.param_names, torch.autograd.grad(loss, cap.params)))
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    assert set(grads) == {k for k, g in ref_grads.items() if g is not None}
+    for name, g in grads.items():
+        expected = ref_grads[name].to_dense() if ref_grads[name].is_sparse else ref_grads[name]
+        g = g.to_dense() if g.is_sparse else g
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert cap.sparse == (guide == "mean-field")
+
+
+def test_capture_scales_by_num_data_over_batch():
+    """The plate's N / batch scale is part of the captured graph: same rows and noise, N = 40 vs N = batch."""
+    inst = small_vae("amortized")
+    elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=1)
+    x, idx = torch.rand(8, X_DIM).bernoulli(), torch.arange(8)
+    with pyro.validation_enabled(False):
+        elbo.differentiable_loss(inst.model, inst.guide, x, idx, num_data=N)
+    scaled = capture_loss(elbo, inst.model, inst.guide, (x, idx), {"num_data": N})
+    unscaled = capture_loss(elbo, inst.model, inst.guide, (x, idx), {"num_data": 8})
+    torch.manual_seed(0)
+    a = scaled((x, idx)).item()
+    torch.manual_seed(0)
+    b = unscaled((x, idx)).item()
+    assert a == pytest.approx(N / 8 * b, rel=1e-6)
+
+
+def fit_params(fast_path, guide: str, elbo: str):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    inst = small_vae(guide)
+    trainer = Trainer(inst.model, inst.guide, pixel_data(), elbo=elbo, batch_size=16, num_epochs=2, lr=1e-2,
+                      progress=False, fast_path=fast_path)
+    result = trainer.fit()
+    params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    return params, result.history["train_elbo"], trainer
+
+
+@pytest.mark.parametrize("guide,elbo", [("amortized", "Trace_ELBO"), ("mean-field", "TraceMeanField_ELBO")])
+def test_training_trajectory_equals_pyro_path(guide, elbo, capsys):
+    """2 epochs of 3 batches (16, 16, 8 rows: two batch shapes), fast path vs Pyro every step."""
+    ref, ref_hist, _ = fit_params(False, guide, elbo)
+    got, hist, trainer = fit_params(True, guide, elbo)
+    assert "fast path" not in capsys.readouterr().err  # no fallback
+    fast = trainer._fast
+    assert fast.disabled is None and fast.steps == 5  # 6 steps, the first one validated by Pyro
+    assert len(fast.captured) == 2 and all(fast.verified.values())
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+    assert hist == pytest.approx(ref_hist, rel=1e-6)
+
+
+def test_resume_with_fast_path_is_bit_identical(tmp_path):
+    def trainer(run_dir, num_epochs):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        inst = small_vae("amortized")
+        return Trainer(inst.model, inst.guide, pixel_data(), batch_size=10, num_epochs=num_epochs, progress=False,
+                       run_dir=run_dir, fast_path=True)
+
+    trainer(None, 2).fit()
+    straight = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    trainer(tmp_path, 1).fit()
+    trainer(tmp_path, 2).fit(resume=True)
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value, straight[name]), name
+
+
+# ------------------------------------------------------------------------------------------- fallbacks
+def coin_model(x, idx=None, num_data=None):
+    """x ~ Normal(c, 1) with a discrete latent c ~ Bernoulli(p); x: (batch,)."""
+    p = pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)
+    with pyro.plate("data", num_data or x.shape[0], subsample=idx):
+        c = pyro.sample("c", dist.Bernoulli(p))
+        pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+
+def coin_guide(x, idx=None, num_data=None):
+    q = pyro.param("q", torch.tensor(0.3), constraint=constraints.unit_interval)
+    with pyro.plate("data", num_data or x.shape[0], subsample=idx):
+        pyro.sample("c", dist.Bernoulli(q))
+
+
+def branchy_model(x, idx=None, num_data=None):
+    """The likelihood's shift depends on the batch's values (Python control flow on data)."""
+    loc = pyro.param("loc", torch.tensor(0.0))
+    shift = 1.0 if float(x.mean()) > 0 else -1.0
+    with pyro.plate("data", num_data or x.shape[0], subsample=idx):
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z + shift, 1.0), obs=x)
+
+
+def branchy_guide(x, idx=None, num_data=None):
+    z_loc = pyro.param("z_loc", torch.tensor(0.1))
+    z_scale = pyro.param("z_scale", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("data", num_data or x.shape[0], subsample=idx):
+        pyro.sample("z", dist.Normal(z_loc, z_scale))
+
+
+def train_steps(model, guide, x, batches, fast_path, elbo="Trace_ELBO"):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    trainer = Trainer(model, guide, TensorDataset(x), elbo=elbo, batch_size=4, progress=False, fast_path=fast_path)
+    losses = [trainer.train_step((x[idx],), idx) for idx in batches]
+    return losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+def notices(err: str):
+    return [line for line in err.splitlines() if line.startswith("fast path")]
+
+
+def test_discrete_guide_site_falls_back_with_one_notice(capsys):
+    x = torch.randn(8)
+    batches = [torch.arange(4), torch.arange(4, 8), torch.arange(4), torch.arange(4, 8)]
+    ref_losses, ref = train_steps(coin_model, coin_guide, x, batches, False)
+    losses, got = train_steps(coin_model, coin_guide, x, batches, True)
+    (line,) = notices(capsys.readouterr().err)
+    assert "guide site 'c' (Bernoulli) is not reparameterizable" in line and "Trace_ELBO" in line
+    assert losses == ref_losses  # the fallback is Pyro's own step, same draws
+    for name in ref:
+        assert torch.equal(got[name], ref[name])
+
+
+def test_structure_that_changes_between_batches_falls_back(capsys):
+    x = torch.cat([torch.full((4,), 3.0), torch.full((4,), -3.0)])
+    pos, neg = torch.arange(4), torch.arange(4, 8)
+    batches = [pos, pos, neg, pos]  # validated Pyro step, capture on +, verify on - (differs), Pyro
+    ref_losses, ref = train_steps(branchy_model, branchy_guide, x, batches, False)
+    losses, got = train_steps(branchy_model, branchy_guide, x, batches, True)
+    (line,) = notices(capsys.readouterr().err)
+    assert "changed between batches" in line
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name])
+
+
+def test_unsupported_objective_and_settings_fall_back_at_set_up(capsys):
+    x = torch.randn(8)
+    train_steps(branchy_model, branchy_guide, x, [torch.arange(4)], True, elbo="TraceGraph_ELBO")
+    (line,) = notices(capsys.readouterr().err)
+    assert "objective TraceGraph_ELBO" in line
+    with pytest.raises(FastPathUnsupported, match="TraceGraph_ELBO"):
+        FastPath(pyro.infer.TraceGraph_ELBO(), branchy_model, branchy_guide, {})
+
+
+def test_bad_fast_path_value_is_one_clear_error():
+    with pytest.raises(ValueError, match="fast_path: expected one of .* received 'fastest'"):
+        Trainer(coin_model, coin_guide, TensorDataset(torch.randn(8)), fast_path="fastest")
+
+
+def test_config_key_reaches_the_trainer(tmp_path):
+    from ppl_models.config import Config, to_toml
+    from ppl_models.experiment import Experiment
+
+    config = Config.from_dict({"train": {"fast_path": "auto", "validate": False}})
+    assert config.train.fast_path == "auto"
+    assert 'fast_path = "auto"' in to_toml(config)
+    assert Config.from_dict({}).train.fast_path is False
+    trainer = Experiment(config, tmp_path).trainer({"train": pixel_data()}, small_vae("amortized"))
+    assert trainer.fast_path == "auto"
+
+
+def test_auto_mode_does_not_compile_a_short_run():
+    from ppl_models.infer.fastpath import AUTO_PROBE_STEPS
+
+    inst = small_vae("amortized")
+    trainer = Trainer(inst.model, inst.guide, pixel_data(), batch_size=20, max_steps=AUTO_PROBE_STEPS + 4,
+                      num_epochs=100, progress=False, fast_path="auto")
+    trainer.fit()
+    fast = trainer._fast
+    assert fast.steps == AUTO_PROBE_STEPS + 3 and not fast.compile and fast.compile_seconds is None
+    assert all(run is fast.captured[key].graph for key, run in fast.runners.items())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PPL_MODELS_TEST_COMPILE") != "1",
+                    reason="torch.compile takes 30-80 s on the project's 2-core machine; set PPL_MODELS_TEST_COMPILE=1")
+def test_compiled_fast_path_matches_eager():  # pragma: no cover - opt-in
+    losses = {}
+    for mode in ("eager", "compile"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        inst = small_vae("amortized")
+        trainer = Trainer(inst.model, inst.guide, pixel_data(), batch_size=16, max_steps=4, num_epochs=2,
+                          progress=False, fast_path=mode)
+        idx = torch.arange(16)
+        losses[mode] = [trainer.train_step(pixel_data().batch(idx, torch.Generator().manual_seed(s)), idx)
+                        for s in range(4)]
+    assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_without_compile_reports_json(monkeypatch, tmp_path, capsys):
+    """bench_fast_path.py end to end on simulated data, in-process (no compile, no memory subprocesses,
+    no timing asserts): its last line is the JSON summary, with both loss checks exact."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    import bench_fast_path
+
+    bench_fast_path.main(["--quick", "--simulated", "--no-rss", "--impls", "hand,engine_pyro,fast_eager"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "fast_path"
+    assert set(result["steps_per_s"]) == {"hand", "engine_pyro", "fast_eager"}
+    assert result["fast_loss_check"]["rel_diff"] < 1e-6
+    assert result["loss_check"]["rel_diff"] < 1e-5
