@@ -1,24 +1,33 @@
 """From "inference as optimization" to "inference as prediction", on MNIST with one decoder.
 
-Trains the VAE's decoder with each inference strategy of the lecture on the same wall-time budget,
-then evaluates every one the same way on test images:
+Trains the VAE's decoder (the same initialisation each time) with each inference strategy of the lecture on the
+same wall-time budget, then evaluates every one the same way on the same test images:
 
-* ``svi-local``      joint SVI over θ and a stored λ_i per training image (test images: λ fitted by K steps);
-* ``svi-inner``      per minibatch, K gradient steps on a fresh λ with θ fixed, then one θ step;
-* ``amortized``      λ = enc_φ(x) (the VAE);
-* ``semi-amortized`` λ0 = enc_φ(x), refined by K steps (Kim et al. 2018).
+* ``svi-local``       joint SVI over θ and a stored λ_i per training image;
+* ``svi-inner``       per minibatch, K gradient steps on a fresh λ0 = the prior with θ fixed, then one θ step;
+* ``amortized``       λ = enc_φ(x) (the VAE);
+* ``semi-amortized``  λ0 = enc_φ(x) refined by K steps (Kim et al. 2018), the gradient stopped through the
+  refinement; ``semi-amortized-end-to-end`` differentiates through it.
 
-For the amortized model it also reports the amortization gap: the test ELBO with the encoder's λ, after
-refining λ for 20 and 100 steps, and the IWAE log-likelihood.
+Test images' λ: the encoder (amortized), the encoder and its K refinement steps (semi-amortized), or
+``[evaluate] refine_steps`` Adam steps from the prior (svi-local, svi-inner: they have no λ for new images).
+For the amortized VAE it also reports the amortization gap: the test ELBO with the encoder's λ, after refining
+λ for K = 20 and K = 100 steps (the semi-amortized inner loop), and the IWAE bound, with paired standard errors.
 
-    python examples/inference_strategies.py                                   # 3 minutes per strategy
-    python examples/inference_strategies.py --budget 5 --num-test 16 --num-samples 8 --limit-train 512   # smoke test
+Settings come from ``examples/configs/inference_strategies.toml`` (``--config``); flags override them.
 
-Writes ``strategies.json``, ``strategies.csv`` and ``strategies.png`` to --out.
+    python examples/inference_strategies.py                            # 180 s per strategy, 1000 test images
+    python examples/inference_strategies.py --budget 150 --num-test 1000 --num-samples 1000
+    python examples/inference_strategies.py --budget 2 --num-test 8 --num-samples 4 --limit-train 256 \\
+        -o model.hidden_dims=[32] -o evaluate.refine_steps=5 --gap-steps 2 5            # smoke test
+
+Writes ``strategies.json``, ``strategies.csv`` and ``strategies.png`` to --out (default: the config's run_dir).
 """
 
 import argparse
 import csv
+import dataclasses
+import io
 import json
 import time
 from pathlib import Path
@@ -27,127 +36,191 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pyro  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import ppl_models as pm  # noqa: E402
 from ppl_models.atomic import atomic_write_bytes  # noqa: E402
-from ppl_models.data import mnist_splits  # noqa: E402
+from ppl_models.config import GuideConfig, load_config, parse_override  # noqa: E402
 from ppl_models.evaluate import evaluate  # noqa: E402
-from ppl_models.experiment import Head  # noqa: E402
-from ppl_models.infer import Trainer  # noqa: E402
-from ppl_models.infer.strategies import STRATEGIES, RefiningGuide, guide_for_strategy, make_strategy  # noqa: E402
+from ppl_models.experiment import Experiment  # noqa: E402
+from ppl_models.infer.strategies import RefiningGuide, guide_for_strategy, inference_guide, inner_loop  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "inference_strategies.toml"
+
+#: Rows of the table: name -> ([train] strategy, [train] refine_grad).
+ROWS = {
+    "svi-local": ("svi-local", "stop"),
+    "svi-inner": ("svi-inner", "stop"),
+    "amortized": ("amortized", "stop"),
+    "semi-amortized": ("semi-amortized", "stop"),
+    "semi-amortized-end-to-end": ("semi-amortized", "end-to-end"),
+}
 
 
-def build(strategy, args, num_data):
-    """A fresh model (the same decoder initialisation for every strategy) and the strategy's guide."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    model_kwargs = {"z_dim": args.z_dim, "hidden_dims": args.hidden_dims}
-    guide_name = guide_for_strategy(strategy)
-    guide_kwargs = {} if guide_name in (None, "mean-field") else {"hidden_dims": args.hidden_dims}
-    inst = pm.instantiate("vae", guide_name, num_data=num_data, model_kwargs=model_kwargs, guide_kwargs=guide_kwargs)
-    guide, step = make_strategy(strategy, inst.model, inst.guide, inst.spec, dict(inst.modules),
-                                num_steps=args.inner_steps, lr=args.inner_lr, refine_grad=args.refine_grad,
-                                optimizer=args.inner_optimizer)
-    return inst, guide, step
+def paired(a: np.ndarray, b: np.ndarray):
+    """Mean of b - a over the test images and its standard error (the same images, the same draws' seed)."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def test_guide(strategy, inst, guide, num_steps, args):
-    """How each strategy infers λ for test images it never saw: by its own refinement, or its encoder."""
-    if strategy in ("amortized",):
-        return guide
-    encoder = inst.modules["encoder"] if strategy == "semi-amortized" else None
-    return RefiningGuide(inst.model, inst.spec, num_steps=num_steps, lr=args.inner_lr, encoder=encoder,
-                         optimizer=args.inner_optimizer)
-
-
-def score(inst, guide, test, args, seed):
-    result = evaluate(inst.model, guide, test, spec=inst.spec, num_samples=args.num_samples,
-                      batch_size=args.eval_batch_size, progress=False, generator=torch.Generator().manual_seed(seed))
-    return result.mean_and_se("elbo"), result.mean_and_se("log_likelihood")
+def load(args):
+    overrides = dict(parse_override(text) for text in args.overrides)
+    if args.budget is not None:
+        overrides["train.time_limit"] = args.budget
+    for flag, key in (("num_test", "data.limit_test"), ("num_samples", "evaluate.num_samples"),
+                      ("limit_train", "data.limit_train"), ("refine_steps", "evaluate.refine_steps"),
+                      ("seed", "train.seed"), ("data_dir", "data.data_dir")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    overrides["train.progress"] = not args.no_progress
+    return load_config(args.config, overrides)
 
 
 def main(args):
-    splits = mnist_splits("dynamic", data_dir=args.data_dir)
-    train = Head(splits["train"], args.limit_train) if args.limit_train else splits["train"]
-    test = Head(splits["test"], args.num_test)
-    rows, curves, gap = [], {}, None
-    for strategy in args.strategies:
-        inst, guide, step = build(strategy, args, train.num_data)
-        trainer = Trainer(inst.model, guide, train, step_fn=step, elbo="Trace_ELBO", lr=args.lr,
-                          batch_size=args.batch_size, num_epochs=10**6, time_limit=args.budget, seed=args.seed,
-                          progress=not args.no_progress, log_every=10)
+    config = load(args)
+    out = Path(args.out or config.output.run_dir)
+    splits = Experiment(config, out).load_data()
+    train, test = splits["train"], splits["test"]
+    budget = config.train.time_limit
+    ev = config.evaluate
+    rows, curves, gap, decoder_init = [], {}, None, None
+    # The first torch optimizer imports torch._dynamo (seconds on a loaded machine): not inside a budget.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    for key in args.strategies:
+        strategy, refine_grad = ROWS[key]
+        run_config = config.with_overrides({"train.strategy": strategy, "train.refine_grad": refine_grad})
+        if guide_for_strategy(strategy) != "amortized-mlp":  # [guide] sizes the encoder; the others have none
+            run_config = dataclasses.replace(run_config, guide=GuideConfig())
+        experiment = Experiment(run_config, out / key)
+        inst = experiment.build(train.num_data)  # fresh networks from the run's seed: the decoder is built first
+        init = float(sum(p.detach().double().sum() for p in inst.modules["decoder"].parameters()))
+        if decoder_init is not None and init != decoder_init:
+            raise RuntimeError(f"{key}: the decoder's initialisation differs from the first strategy's")
+        decoder_init = init
+        seconds, elbos = [], []
         start = time.perf_counter()
+
+        def record(trainer, step, loss):
+            if step % 10 == 0:
+                seconds.append(time.perf_counter() - start)
+                elbos.append(-loss / trainer.num_data)
+
+        trainer = experiment.trainer(splits, inst, valid=None, run_dir=None, callback=record)
         result = trainer.fit()
         wall = time.perf_counter() - start
-        eval_steps = args.inner_steps if strategy != "svi-local" else args.test_steps
-        (elbo, elbo_se), (ll, ll_se) = score(inst, test_guide(strategy, inst, guide, eval_steps, args), test, args, 1)
-        rows.append({"strategy": strategy, "steps": result.step, "epochs": round(result.step / trainer.num_batches, 2),
-                     "wall_time_s": round(wall, 1), "test_elbo": elbo, "test_elbo_se": elbo_se,
-                     "test_nll": -ll, "test_nll_se": ll_se, "eval_refine_steps": 0 if strategy == "amortized" else eval_steps})
-        curves[strategy] = (result.history["log_step"], result.history["log_train_elbo"])
-        print(f"{strategy:15s} {result.step:6d} steps {wall:6.1f} s  test ELBO {elbo:8.2f} ± {elbo_se:.2f}  "
-              f"test NLL {-ll:8.2f} ± {ll_se:.2f}", flush=True)
+        loop = inner_loop("test", num_steps=ev.refine_steps)
+        guide = inference_guide(strategy, inst.model, inst.spec, inst.guide, loop=loop)
+        start = time.perf_counter()
+        res = evaluate(inst.model, guide, test, spec=inst.spec, num_samples=ev.num_samples, batch_size=ev.batch_size,
+                       progress=False, generator=torch.Generator().manual_seed(1))
+        eval_wall = time.perf_counter() - start
+        (elbo, elbo_se), (ll, ll_se) = res.mean_and_se("elbo"), res.mean_and_se("log_likelihood")
         if strategy == "amortized":
-            gap = {"elbo_encoder": elbo, "iwae": ll}
-            for k in (20, 100):
-                refined = RefiningGuide(inst.model, inst.spec, num_steps=k, lr=args.inner_lr,
-                                        encoder=inst.modules["encoder"], optimizer=args.inner_optimizer)
-                (gap[f"elbo_refined_{k}"], _), _ = score(inst, refined, test, args, 1)
-    out = Path(args.out)
+            test_lambda = "enc(x)"
+        elif strategy == "semi-amortized":
+            test_lambda = f"enc(x) + {inst.guide.num_steps} {inst.guide.loop.optimizer} steps"
+        else:
+            test_lambda = f"{loop.num_steps} {loop.optimizer} steps from the prior"
+        rows.append({
+            "strategy": key, "theta_steps": result.step, "epochs": round(result.step / trainer.num_batches, 2),
+            "wall_time_s": round(wall, 1), "test_elbo": round(elbo, 3), "test_elbo_se": round(elbo_se, 3),
+            "test_nll": round(-ll, 3), "test_nll_se": round(ll_se, 3),
+            "test_lambda": test_lambda,
+            "eval_wall_time_s": round(eval_wall, 1),
+        })
+        curves[key] = (seconds, elbos)
+        print(f"{key:26s} {result.step:6d} θ steps {wall:6.1f} s  test ELBO {elbo:8.2f} ± {elbo_se:.2f}  "
+              f"test NLL {-ll:8.2f} ± {ll_se:.2f}  (evaluation {eval_wall:.0f} s)", flush=True)
+        if strategy == "amortized" and args.gap_steps:
+            gap = {"num_test": int(test.num_data), "elbo_encoder": elbo, "iwae": ll,
+                   "iwae_minus_elbo_encoder": paired(res.elbo, res.log_likelihood)}
+            for k in args.gap_steps:
+                refined = RefiningGuide(inst.model, inst.spec, loop=inner_loop("semi-amortized", num_steps=k),
+                                        encoder=inst.modules["encoder"])
+                rk = evaluate(inst.model, refined, test, spec=inst.spec, num_samples=ev.num_samples,
+                              batch_size=ev.batch_size, progress=False, generator=torch.Generator().manual_seed(1))
+                gap[f"elbo_refined_{k}"] = rk.mean_and_se("elbo")[0]
+                gap[f"refined_{k}_minus_encoder"] = paired(res.elbo, rk.elbo)
+                gap[f"iwae_minus_refined_{k}"] = paired(rk.elbo, res.log_likelihood)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"settings": vars(args), "strategies": rows, "amortization_gap": gap}
+    report = {"config": str(args.config), "settings": config.to_dict(), "strategies": rows, "amortization_gap": gap,
+              "threads": torch.get_num_threads()}
     text = json.dumps(report, indent=1, default=str)
     atomic_write_bytes(out / "strategies.json", lambda f: f.write(text.encode()))
-    with open(out / "strategies.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print("\n| strategy | steps | wall time (s) | test ELBO | test NLL (IWAE-%d) |" % args.num_samples)
-    print("|---|---|---|---|---|")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "strategies.csv", lambda f: f.write(buffer.getvalue().encode()))
+    print(f"\n| strategy | θ steps | wall time (s) | test ELBO | test NLL (IWAE-{ev.num_samples}) | test λ |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['strategy']} | {r['steps']} | {r['wall_time_s']} | {r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f} "
-              f"| {r['test_nll']:.2f} ± {r['test_nll_se']:.2f} |")
+        print(f"| {r['strategy']} | {r['theta_steps']} | {r['wall_time_s']} "
+              f"| {r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f} "
+              f"| {r['test_nll']:.2f} ± {r['test_nll_se']:.2f} | {r['test_lambda']} |")
     if gap:
-        print(f"\namortization gap (amortized VAE, {args.num_test} test images): ELBO with enc(x) {gap['elbo_encoder']:.2f}, "
-              f"refined K=20 {gap['elbo_refined_20']:.2f}, K=100 {gap['elbo_refined_100']:.2f}, IWAE {gap['iwae']:.2f}; "
-              f"gaps: enc→K=100 {gap['elbo_refined_100'] - gap['elbo_encoder']:.2f}, "
-              f"K=100→IWAE {gap['iwae'] - gap['elbo_refined_100']:.2f} nats")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for strategy, (steps, elbos) in curves.items():
-        ax.plot(steps, elbos, label=strategy)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train ELBO per datapoint")
-    ax.set_title(f"same decoder, {args.budget:g} s per strategy")
-    values = [v for _, e in curves.values() for v in e]
-    if values:
-        ax.set_ylim(sorted(values)[len(values) // 20], max(values) + 2)
-    ax.legend()
-    fig.savefig(out / "strategies.png", dpi=110, bbox_inches="tight")
+        ks = args.gap_steps
+        print(f"\namortization gap (amortized VAE, {gap['num_test']} test images, differences with paired s.e.):")
+        print(f"  ELBO with enc(x) {gap['elbo_encoder']:.2f}; " + "; ".join(
+            f"refined K={k} {gap[f'elbo_refined_{k}']:.2f} (+{gap[f'refined_{k}_minus_encoder'][0]:.2f} ± "
+            f"{gap[f'refined_{k}_minus_encoder'][1]:.2f})" for k in ks)
+            + f"; IWAE {gap['iwae']:.2f} (K={ks[-1]} → IWAE +{gap[f'iwae_minus_refined_{ks[-1]}'][0]:.2f} ± "
+            f"{gap[f'iwae_minus_refined_{ks[-1]}'][1]:.2f})")
+    plot(curves, rows, budget, out / "strategies.png")
     return report
 
 
-if __name__ == "__main__":
+def plot(curves, rows, budget, path):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, (seconds, elbos) in curves.items():
+        if elbos:
+            smooth = np.convolve(elbos, np.ones(min(10, len(elbos))) / min(10, len(elbos)), mode="valid")
+            left.plot(seconds[len(seconds) - len(smooth):], smooth, label=key)
+    left.set_xlabel("training wall time (s)")
+    left.set_ylabel("train ELBO per datapoint (running mean)")
+    left.set_title(f"same decoder initialisation, {budget:g} s each")
+    values = sorted(v for _, e in curves.values() for v in e)
+    if values:
+        left.set_ylim(values[len(values) // 10], values[-1] + 5)
+    left.legend(fontsize=8)
+    names = [r["strategy"] for r in rows]
+    ypos = np.arange(len(rows))
+    right.errorbar([-r["test_nll"] for r in rows], ypos + 0.1, xerr=[r["test_nll_se"] for r in rows], fmt="o",
+                   label="IWAE bound")
+    right.errorbar([r["test_elbo"] for r in rows], ypos - 0.1, xerr=[r["test_elbo_se"] for r in rows], fmt="s",
+                   label="ELBO")
+    right.set_yticks(ypos, names, fontsize=8)
+    right.set_xlabel("test nats per image")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--budget", type=float, default=180.0, help="training seconds per strategy")
-    parser.add_argument("--z-dim", type=int, default=20)
-    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[400])
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--inner-steps", type=int, default=10, help="K for svi-inner and semi-amortized")
-    parser.add_argument("--inner-lr", type=float, default=0.05)
-    parser.add_argument("--inner-optimizer", default="adam", choices=["sgd", "adam"],
-                        help="refinement steps on λ: Adam (default) or the lecture's plain gradient steps")
-    parser.add_argument("--refine-grad", default="stop", choices=["stop", "end-to-end"])
-    parser.add_argument("--test-steps", type=int, default=100, help="K fitting λ of test images for svi-local")
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--num-samples", type=int, default=1000, help="importance samples per test image")
-    parser.add_argument("--eval-batch-size", type=int, default=100)
+    parser.add_argument("--config", default=str(CONFIG), help="experiment TOML (default: %(default)s)")
+    parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key, e.g. -o train.inner_lr=0.3 (repeatable; read as TOML)")
+    parser.add_argument("--strategies", nargs="+", default=list(ROWS)[:4], choices=list(ROWS),
+                        help="rows of the table (default: the four of the lecture)")
+    parser.add_argument("--budget", type=float, default=None, help="training seconds per strategy (config: 180)")
+    parser.add_argument("--num-test", type=int, default=None, help="first N test images (config: all 10,000)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="importance samples per test image (config: 1000)")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="Adam steps fitting test images' λ from the prior for svi-local, svi-inner (config: 300)")
+    parser.add_argument("--gap-steps", type=int, nargs="*", default=[20, 100],
+                        help="refinement steps K of the amortization gap (default: 20 100)")
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/inference_strategies")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--out", default=None, help="output directory (default: the config's [output].run_dir)")
     parser.add_argument("--no-progress", action="store_true")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -85,15 +85,21 @@ def test_sigterm_mid_epoch_in_a_real_process(tmp_path, shared_data):
 def test_inference_strategies_example_runs_with_tiny_flags(tmp_path, shared_data):
     import inference_strategies
 
-    parser_args = Namespace(
-        strategies=["svi-local", "svi-inner", "amortized", "semi-amortized"], budget=1.0, z_dim=4, hidden_dims=[32],
-        lr=1e-3, batch_size=64, inner_steps=3, inner_lr=0.1, inner_optimizer="adam", refine_grad="stop", test_steps=5, num_test=8,
-        num_samples=4, eval_batch_size=8, limit_train=256, data_dir=None, seed=0, out=str(tmp_path), no_progress=True,
-    )
-    report = inference_strategies.main(parser_args)
-    assert [r["strategy"] for r in report["strategies"]] == parser_args.strategies
-    assert all(r["steps"] >= 1 and r["test_nll"] > 0 for r in report["strategies"])
+    rows = list(inference_strategies.ROWS)  # all five, end-to-end included
+    args = inference_strategies.build_parser().parse_args([
+        "--strategies", *rows, "--budget", "1", "--num-test", "8", "--num-samples", "4", "--limit-train", "256",
+        "--refine-steps", "3", "--gap-steps", "2", "5", "--out", str(tmp_path), "--no-progress",
+        "-o", "model.z_dim=4", "-o", "model.hidden_dims=[32]", "-o", "guide.hidden_dims=[32]",
+        "-o", "train.batch_size=64", "-o", "train.inner_steps=2", "-o", "evaluate.batch_size=8",
+    ])
+    report = inference_strategies.main(args)
+    assert report["settings"]["train"]["time_limit"] == 1.0 and report["settings"]["evaluate"]["num_samples"] == 4
+    assert [r["strategy"] for r in report["strategies"]] == rows
+    for r in report["strategies"]:
+        assert r["theta_steps"] >= 1 and r["test_nll"] > 0, r
+        assert r["test_elbo"] <= -r["test_nll"]  # the IWAE bound is at least the ELBO of the same draws
+    assert report["strategies"][0]["test_lambda"] == "3 adam steps from the prior"
     gap = report["amortization_gap"]
-    assert set(gap) == {"elbo_encoder", "elbo_refined_20", "elbo_refined_100", "iwae"}
+    assert gap["num_test"] == 8 and {"elbo_encoder", "elbo_refined_2", "elbo_refined_5", "iwae"} <= set(gap)
     for name in ("strategies.json", "strategies.csv", "strategies.png"):
         assert (tmp_path / name).is_file()
