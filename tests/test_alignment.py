@@ -1,0 +1,385 @@
+"""The latent-alignment model (ppl_models/alignment.py) and its guides: exact tests first, then statistical ones.
+
+Tiny instances in float64; data simulated from the synthetic task or random tokens (no real data needed), except the
+Multi30k loader test, which uses the shared copy when present.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
+
+import ppl_models as pm
+from ppl_models.alignment import (
+    VARIANTS,
+    AlignedCategorical,
+    TokenCategorical,
+    emission_table,
+    evaluate_alignment,
+    log_marginal,
+    log_normalizer,
+)
+from ppl_models.cli import main as cli_main
+from ppl_models.config import ConfigError
+from ppl_models.data.parallel import parallel_splits, synthetic_pairs, synthetic_splits
+from ppl_models.data.text import TextDataError, pad_batch
+from ppl_models.experiment import Experiment
+from ppl_models.spec import ShapeError
+
+REPO = Path(__file__).resolve().parents[1]
+SRC_V, TGT_V = 9, 11
+
+
+def make(variant: str, guide: str | None = None, num_data: int = 4, dtype=torch.float64, **sizes):
+    """A tiny model (and its variant's guide) in ``dtype`` with random weights of a visible scale."""
+    guide = guide or VARIANTS[variant][1]
+    kwargs = dict(src_vocab_size=SRC_V, tgt_vocab_size=TGT_V, emb_dim=5, hidden_dim=4, out_dim=3, variant=variant)
+    kwargs.update(sizes)
+    inst = pm.instantiate("alignment", guide, num_data=num_data, model_kwargs=kwargs,
+                          guide_kwargs={"emb_dim": 4, "hidden_dim": 3} if guide == "inference-network" else {})
+    inst.modules.to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in inst.modules.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+    return inst
+
+
+def batch(lengths, gen_seed=0):
+    """A ragged batch: ``lengths`` = [(S, T), ...] (T without <eos>), random non-special tokens."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    src, tgt = [], []
+    for s, t in lengths:
+        src.append(torch.randint(4, SRC_V, (s,), generator=gen).tolist())
+        tgt.append(torch.randint(4, TGT_V, (t,), generator=gen).tolist() + [3])
+    s, sl = pad_batch(src)
+    t, tl = pad_batch(tgt)
+    return s, sl, t, tl
+
+
+def brute_force_log_lik(inst, args) -> torch.Tensor:
+    """log p(y | x) per sentence by summing p(z, y | x) over every joint alignment z_1..z_T (no factorization used)."""
+    net = inst.modules["net"]
+    src, src_lengths, tgt, tgt_lengths = args
+    states = net.states(*args)
+    out = []
+    for b in range(src.shape[0]):
+        S, T = int(src_lengths[b]), int(tgt_lengths[b])
+        terms = []
+        for z in itertools.product(range(S), repeat=T):
+            zt = torch.tensor(z)
+            hidden = net.out_hidden(states.hidden[b, :T])  # (T, D)
+            memory = net.out_memory(states.memory[b, zt])  # (T, D)
+            logits = net.out(hidden + memory).log_softmax(-1)  # (T, V): full softmax, no normalizer trick
+            log_prior = states.prior_logits[b, torch.arange(T), zt]
+            terms.append((log_prior + logits[torch.arange(T), tgt[b, :T]]).sum())
+        out.append(torch.logsumexp(torch.stack(terms), 0))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ exact
+def test_exact_equals_brute_force_sum_over_alignments():
+    inst = make("exact")
+    args = batch([(3, 2), (2, 3), (3, 1)])
+    idx = torch.arange(3)
+    loss = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(inst.model, inst.guide, *args, idx, num_data=3)
+    expected = brute_force_log_lik(inst, args)
+    torch.testing.assert_close(-loss, expected.sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(log_marginal(inst.modules["net"], *args)["log_lik"].sum(-1), expected, rtol=1e-6, atol=0)
+
+
+def test_log_normalizer_matches_direct_logsumexp_including_float32_underflow():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64)
+    direct = torch.logsumexp(a[:, :, None, :] + b[:, None, :, :], -1)
+    torch.testing.assert_close(log_normalizer(a, b), direct, rtol=1e-12, atol=0)
+    # float32 whose per-factor ranges underflow the product (a peaks where b is -200 below its max)
+    a32 = torch.full((1, 1, 3), -300.0)
+    a32[0, 0, 0] = 0.0
+    b32 = torch.full((1, 1, 3), 0.0)
+    b32[0, 0, 0] = -200.0
+    expected = torch.logsumexp(a32[:, :, None, :].double() + b32[:, None, :, :].double(), -1).float()
+    torch.testing.assert_close(log_normalizer(a32, b32), expected)
+    # the fused backward: finite differences in float64, and the softmax weights where float32 underflowed
+    assert torch.autograd.gradcheck(log_normalizer, (a.requires_grad_(), b.requires_grad_()))
+    a32.requires_grad_(), b32.requires_grad_()
+    log_normalizer(a32, b32).sum().backward()
+    torch.testing.assert_close(a32.grad, torch.tensor([[[1.0, 0.0, 0.0]]]))
+    torch.testing.assert_close(b32.grad, torch.tensor([[[1.0, 0.0, 0.0]]]))
+
+
+def test_aligned_categorical_log_prob_both_paths_equal_the_full_softmax():
+    inst = make("exact")
+    net = inst.modules["net"]
+    args = batch([(3, 3), (2, 2)])
+    states = net.states(*args)
+    u, v = net.out_hidden(states.hidden), net.out_memory(states.memory)
+    tgt = args[2]
+    z = torch.tensor([[0, 2, 1, 0], [1, 0, 1, 0]])
+    d = AlignedCategorical(u, v, net.out, z)
+    full = torch.distributions.Categorical(logits=d.logits()).log_prob(tgt)
+    torch.testing.assert_close(d.log_prob(tgt), full)  # one alignment per step
+    table = emission_table(u, v, net.out, tgt)  # every alignment
+    torch.testing.assert_close(table.gather(-1, z[..., None]).squeeze(-1), full)
+    tok = TokenCategorical(d.logits())
+    torch.testing.assert_close(tok.log_prob(tgt), full)
+
+
+# ------------------------------------------------------------------------------------------------ bounds
+def test_variational_enum_elbo_below_exact_and_equal_with_the_exact_posterior():
+    args = batch([(3, 2), (2, 3), (4, 4)])
+    idx = torch.arange(3)
+    elbo = TraceEnum_ELBO(max_plate_nesting=2)
+    inst = make("variational-enum")
+    log_lik = log_marginal(inst.modules["net"], *args)["log_lik"].sum()
+    value = -elbo.differentiable_loss(inst.model, inst.guide, *args, idx, num_data=3)
+    assert value < log_lik - 1e-3  # a random q is strictly worse
+    # hand-computed sum over source positions of q * [log p(y|z) + log p(z) - log q] equals TraceEnum's value
+    net, inference = inst.modules["net"], inst.modules["inference"]
+    out = log_marginal(net, *args)
+    q = inference(out["states"].memory, out["states"].src_mask, args[2], args[3])[0]
+    by_hand = (q.exp() * (out["log_prior"] + out["log_emission"] - q)).sum(-1)[out["mask"]].sum()
+    torch.testing.assert_close(value, by_hand, rtol=1e-10, atol=0)
+    # q = the exact posterior: the bound is tight
+    pyro.clear_param_store()
+    post = make("variational-enum", guide="exact-posterior")
+    tight = -elbo.differentiable_loss(post.model, post.guide, *args, idx, num_data=3)
+    torch.testing.assert_close(tight, log_marginal(post.modules["net"], *args)["log_lik"].sum(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_padding_never_changes_a_sentence_likelihood(variant):
+    inst = make(variant)
+    net = inst.modules["net"]
+    alone = batch([(3, 2)], gen_seed=5)
+    padded = batch([(3, 2), (6, 5)], gen_seed=5)  # same first sentence, padded to S=6, T=6
+    assert padded[0].shape[1] > alone[0].shape[1] and padded[2].shape[1] > alone[2].shape[1]
+    torch.testing.assert_close(padded[0][0, :3], alone[0][0])
+    torch.testing.assert_close(padded[2][0, :3], alone[2][0])
+    one = log_marginal(net, *alone)["log_lik"].sum(-1)
+    two = log_marginal(net, *padded)["log_lik"].sum(-1)
+    torch.testing.assert_close(two[0], one[0], rtol=1e-12, atol=0)
+    if variant in ("exact", "soft"):  # the training objective too (deterministic for these)
+        elbo = TraceEnum_ELBO(max_plate_nesting=2)
+        l1 = elbo.differentiable_loss(inst.model, inst.guide, *alone, None)
+        torch.testing.assert_close(-l1, one.sum(), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+def _flat_grads(params):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["variational", "hard"])
+def test_reinforce_gradient_is_unbiased_against_the_enumerated_gradient(variant):
+    """TraceGraph_ELBO's score-function gradient (one z_t per step, learned baseline) averages to the gradient of
+    the same ELBO with every z_t enumerated (TraceEnum_ELBO, the guide's z enumerated).
+
+    Two sentence pairs, each copied 100 times into one batch: one TraceGraph pass averages 100 independent draws
+    per pair; 60 passes give the mean and its standard error per gradient coordinate.  Every coordinate is within
+    4.5 standard errors (Bonferroni over the ~200 coordinates), and the test has power: the median standard error
+    of the stochastic coordinates is below 1/9 of the median |gradient|, so a bias of half a typical coordinate
+    would fail it.
+    """
+    inst = make(variant)
+    copies, passes = 100, 60
+    args = batch([(3, 2), (2, 3)] * copies, gen_seed=3)
+    idx = torch.arange(args[0].shape[0])
+    with torch.no_grad():  # a baseline that is neither zero nor the answer
+        for p in inst.modules["baseline"].parameters():
+            p.mul_(0.1)
+    params = [p for name, p in inst.modules.named_parameters() if not name.startswith("baseline")]
+
+    def zero_grads():
+        for p in inst.modules.parameters():
+            p.grad = None
+
+    enumerated = poutine.infer_config(inst.guide, lambda site: {"enumerate": "parallel"} if site["name"] == "z" else {})
+    zero_grads()
+    TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(inst.model, enumerated, *args, idx).backward()
+    exact = _flat_grads(params)
+    graph = TraceGraph_ELBO(max_plate_nesting=2)
+    draws = []
+    for _ in range(passes):
+        zero_grads()
+        graph.loss_and_grads(inst.model, inst.guide, *args, idx)
+        draws.append(_flat_grads(params))
+    draws = torch.stack(draws)
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(passes)
+    moving = se > 1e-10  # coordinates the score function reaches
+    assert int(moving.sum()) > 20
+    z = ((mean - exact)[moving] / se[moving]).abs()
+    assert float(z.max()) < 4.5, f"max |z| = {float(z.max()):.2f}"
+    assert float(se[moving].median() / exact[moving].abs().median()) < 0.5 / 4.5
+    torch.testing.assert_close(mean[~moving], exact[~moving], rtol=1e-8, atol=1e-10)  # deterministic coordinates
+
+
+# --------------------------------------------------------------------------------------- synthetic alignment
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["exact", "variational", "variational-enum"])
+def test_posterior_argmax_recovers_gold_alignments_on_the_synthetic_task(variant):
+    """128 steps of training (examples/configs/attention_synthetic.toml: 1000 reverse-and-transliterate pairs,
+    4 epochs) in a few seconds; the argmax of the exact posterior p(z_t | x, y) (and of q(z_t | x, y) for the
+    variational variants) matches the gold alignment of >= 90% of the 200 held-out sentences' target tokens."""
+    config = REPO / "examples/configs/attention_synthetic.toml"
+    experiment = Experiment.from_file(config, {"model.variant": variant, "train.progress": False}, run_dir=None)
+    experiment.resolve_model_hooks()
+    splits = experiment.load_data()
+    instance = experiment.build(splits["train"].num_data, splits["train"].model_kwargs)
+    experiment.trainer(splits, instance, run_dir=None).fit()
+    guide_modules = {k: m for k, m in instance.modules.items() if k != "net"}
+    m = evaluate_alignment(instance.modules["net"], splits["test"], guide_modules=guide_modules).metrics
+    assert m["align_accuracy_posterior"] >= 0.9, m
+    if variant != "exact":
+        assert m["align_accuracy_guide"] >= 0.9, m
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_parallel_text_errors_name_the_file_and_line(tmp_path):
+    src = _write(tmp_path / "a.src", ["a b c", "d e"])
+    tgt = _write(tmp_path / "a.tgt", ["x y", "", ])
+    with pytest.raises(TextDataError, match=r"a\.tgt, line 2: expected at least one token"):
+        parallel_splits(source=str(src), target=str(tgt))
+    tgt = _write(tmp_path / "b.tgt", ["x y", "z", "w"])
+    with pytest.raises(TextDataError, match=r"same number of lines, received 2 in .*a\.src and 3 in .*b\.tgt"):
+        parallel_splits(source=str(src), target=str(tgt))
+    tgt = _write(tmp_path / "c.tgt", ["x y", "z w v u"])
+    with pytest.raises(TextDataError, match=r"c\.tgt, line 2: expected at most 3 tokens, received 4"):
+        parallel_splits(source=str(src), target=str(tgt), max_len=3)
+    splits = parallel_splits(source=str(src), target=str(tgt), max_len=3, on_long="skip")
+    assert splits["train"].num_data == 1 and splits["train"].lines == [1]
+
+
+def test_unknown_tokens_at_evaluation_map_to_unk_or_raise(tmp_path):
+    src = _write(tmp_path / "train.src", ["a b c", "a b"])
+    tgt = _write(tmp_path / "train.tgt", ["x y", "y z"])
+    vsrc = _write(tmp_path / "test.src", ["a NEW"])
+    vtgt = _write(tmp_path / "test.tgt", ["x y"])
+    splits = parallel_splits(source=str(src), target=str(tgt), test_source=str(vsrc), test_target=str(vtgt))
+    test = splits["test"]
+    assert test.src[0] == [test.src_vocab.stoi["a"], test.src_vocab.unk_index]
+    with pytest.raises(TextDataError, match=r"test\.src, line 1, token 1: 'NEW' is not in the vocabulary"):
+        parallel_splits(source=str(src), target=str(tgt), test_source=str(vsrc), test_target=str(vtgt), unk="error")
+
+
+def test_model_rejects_bad_batches_with_one_clear_error():
+    inst = make("exact")
+    src, sl, tgt, tl = batch([(3, 2), (2, 2)])
+    with pytest.raises(ShapeError, match=r"site 'tgt': expected token indices in \[0, 10\]"):
+        inst.model(src, sl, tgt + 20, tl)
+    with pytest.raises(ShapeError, match=r"site 'src_lengths': expected lengths in \[1, 3\]"):
+        inst.model(src, sl + 5, tgt, tl)
+    with pytest.raises(ShapeError, match=r"site 'src': expected a tensor of token indices of shape \(batch, length\)"):
+        inst.model(src[0], sl, tgt, tl)
+    with pytest.raises(ShapeError, match=r"site 'tgt': expected an integer tensor"):
+        inst.model(src, sl, tgt.double(), tl)
+
+
+def test_variant_fixes_its_elbo_and_guide(tmp_path):
+    config = REPO / "examples/configs/attention_tiny.toml"
+    exp = Experiment.from_file(config, {"model.variant": "variational"}, run_dir=tmp_path)
+    exp.resolve_model_hooks()
+    assert (exp.config.train.elbo, exp.config.guide.name) == ("TraceGraph_ELBO", "inference-network")
+    exp = Experiment.from_file(config, {"model.variant": "hard", "train.elbo": "TraceEnum_ELBO"}, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="variant 'hard' trains with \\[train\\].elbo = 'TraceGraph_ELBO'"):
+        exp.resolve_model_hooks()
+    exp = Experiment.from_file(config, {"model.variant": "nope"}, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        exp.resolve_model_hooks()
+
+
+# ----------------------------------------------------------------------------------------- data, CLI, example
+def test_synthetic_task_gold_alignments_reverse_the_source():
+    src, tgt, align = synthetic_pairs(20, vocab_size=12, min_len=2, max_len=6)
+    for s, t, a in zip(src, tgt, align):
+        assert len(set(s)) == len(s) and len(t) == len(s)
+        for i, j in a:
+            assert t[j] == "t" + s[i][1:]
+
+
+def test_epoch_order_is_a_permutation_with_full_batches_first():
+    data = synthetic_splits(num_train=103, num_valid=1, num_test=1, vocab_size=12, max_len=8)["train"]
+    order = data.epoch_order(10, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(103))
+    spans = [data._lengths[order[i : i + 10]] for i in range(0, 100, 10)]
+    assert sum(int(s.max() - s.min()) for s in spans) <= 10  # sorted within pools: batches of near-equal length
+
+
+@pytest.mark.slow
+def test_cli_fit_then_align_writes_pharaoh_lines(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = cli_main(["fit", str(REPO / "examples/configs/attention_tiny.toml"), "--run-dir", str(run_dir),
+                     "--no-progress", "-o", "model.variant=variational-enum", "-o", "output.plots=false"])
+    assert code == 0
+    src, tgt, _ = synthetic_pairs(3, vocab_size=10, min_len=2, max_len=5)
+    s = _write(tmp_path / "x.src", [" ".join(t) for t in src])
+    t = _write(tmp_path / "x.tgt", [" ".join(t) for t in tgt])
+    capsys.readouterr()
+    assert cli_main(["align", str(run_dir), str(s), str(t)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    for line, s_tok, t_tok in zip(lines, src, tgt):
+        pairs = [tuple(map(int, p.split("-"))) for p in line.split()]
+        assert [j for _, j in pairs] == list(range(len(t_tok)))
+        assert all(0 <= i < len(s_tok) for i, _ in pairs)
+    out = tmp_path / "x.align"
+    assert cli_main(["align", str(run_dir), str(s), str(t), "-o", str(out), "--posterior", "guide"]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    bad = _write(tmp_path / "y.tgt", [" ".join(t) for t in tgt[:2]])
+    assert cli_main(["align", str(run_dir), str(s), str(bad)]) == 2
+    assert "expected the same number of lines" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_example_runs_with_tiny_flags(tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    import attention_multi30k
+    from argparse import Namespace
+
+    args = Namespace(config=str(REPO / "examples/configs/attention_tiny.toml"), variants=["soft", "hard"],
+                     max_steps=2, num_epochs=None, time_limit=None, limit_train=None, limit_test=8, seed=0,
+                     data_dir=None, run_root=str(tmp_path), resume=False, table_only=False, no_progress=True)
+    rows = attention_multi30k.main(args)
+    assert set(rows) == {"soft", "hard"} and rows["hard"]["train_steps"] == 2 and rows["soft"]["num_data"] == 8
+    assert (tmp_path / "summary.md").read_text().count("\n") == 4
+    for name in ("alignments.png", "translations.txt", "metrics.json", "summary.json"):
+        assert (tmp_path / "hard" / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_multi30k_loader_builds_the_configured_vocabularies(shared_data):
+    from ppl_models.data.parallel import multi30k_splits
+
+    splits = multi30k_splits("en", "fr", data_dir=str(shared_data), download=False)
+    assert (splits["valid"].num_data, splits["test"].num_data) == (1014, 1000)
+    assert splits["train"].num_data == 29000 - 158  # pairs over 30 tokens skipped
+    assert splits["train"].model_kwargs == {"src_vocab_size": 5917 + 4, "tgt_vocab_size": 6478 + 4}
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_reports_json():
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_alignment.py"), "--quick", "--simulated"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "alignment_step"
+    assert set(result["time_ratio_vs_soft"]) == set(VARIANTS) and result["time_ratio_vs_soft"]["soft"] == 1.0
+    assert set(result["goal_met"]) == {"variational", "exact"}
