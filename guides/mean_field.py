@@ -12,7 +12,9 @@ The :math:`\lambda_i` of all ``N`` datapoints live in one
 ``nn.Embedding(N, ·, sparse=True)`` table per site, so a minibatch step reads
 and writes only the rows of its own datapoints: the engine hands sparse
 gradients to :class:`torch.optim.SparseAdam`.  A dense ``pyro.param`` of shape
-``(N, ·)`` with Adam is slower and moves rows that are not in the batch.
+``(N, ·)`` with Adam is slower and moves rows that are not in the batch.  Under data
+parallelism each process keeps only the rows of the datapoints it owns
+(:meth:`LocalParams.shard`, used by :mod:`ppl_models.infer.distributed`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class LocalParams(nn.Module):
         if num_data is None or num_data < 1:
             raise ValueError(f"per-datapoint guide: num_data must be a positive integer, received {num_data!r}")
         self.spec, self.num_data = spec, num_data
+        self.row_start, self.row_stop = 0, num_data  # the rows held here (all of them unless sharded)
         self.tables = nn.ModuleDict()
         for site in spec.local_latents:
             if site.is_discrete:
@@ -65,9 +68,37 @@ class LocalParams(nn.Module):
             self.tables[site.name] = table
 
     def forward(self, site: LatentSite, idx: torch.Tensor) -> torch.Tensor:
-        """Rows ``idx`` of ``site``'s table, shape ``(batch, row_size)`` (a sparse-gradient read)."""
+        """Rows ``idx`` (global datapoint indices) of ``site``'s table, shape ``(batch, row_size)``
+        (a sparse-gradient read)."""
         table = self.tables[site.name]
+        if self.row_start != 0 or self.row_stop != self.num_data:
+            if idx.numel() and (int(idx.min()) < self.row_start or int(idx.max()) >= self.row_stop):
+                raise ValueError(
+                    f"per-datapoint guide: this shard holds the rows [{self.row_start}, {self.row_stop}), "
+                    f"received indices in [{int(idx.min())}, {int(idx.max())}]"
+                )
+            idx = idx - self.row_start
         return F.embedding(idx, table.weight, sparse=True)
+
+    def shard(self, start: int, stop: int) -> "LocalParams":
+        r"""Keep only the rows :math:`\lambda_i`, ``start <= i < stop``: the datapoints this process owns under
+        data parallelism (:mod:`ppl_models.infer.distributed`).  ``forward`` still takes global indices.
+        Call before the tables are registered with Pyro (before the first model/guide run)."""
+        if (self.row_start, self.row_stop) != (0, self.num_data):
+            raise ValueError(f"LocalParams.shard: already sharded to rows [{self.row_start}, {self.row_stop})")
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_data):
+            raise ValueError(
+                f"LocalParams.shard: expected 0 <= start < stop <= num_data={self.num_data}, "
+                f"received start={start!r}, stop={stop!r}"
+            )
+        for name, table in list(self.tables.items()):
+            rows = nn.Embedding(stop - start, table.embedding_dim, sparse=True)
+            rows.to(table.weight.device, table.weight.dtype)
+            with torch.no_grad():
+                rows.weight.copy_(table.weight[start:stop])
+            self.tables[name] = rows
+        self.row_start, self.row_stop = start, stop
+        return self
 
 
 def guide(x: torch.Tensor, idx: torch.Tensor | None = None, *, local_params: LocalParams, num_data: int | None = None):

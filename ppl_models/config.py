@@ -91,10 +91,15 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     strategy: Optional[str] = None  # svi-local, svi-inner, amortized, semi-amortized (ppl_models.infer.strategies)
-    inner_steps: int = 20  # K refinement steps on λ (svi-inner, semi-amortized)
-    inner_lr: float = 0.1  # their step size α
+    # The inner loop on λ of svi-inner and semi-amortized; unset: the strategy's measured default
+    # (ppl_models.infer.strategies.INNER_LOOPS: svi-inner 10 plain steps α 1 → 0.1,
+    # semi-amortized 10 plain steps α 0.02).
+    inner_steps: Optional[int] = None  # K refinement steps on λ
+    inner_lr: Optional[float] = None  # their step size α
     refine_grad: str = "stop"  # semi-amortized: "stop" or "end-to-end"
-    inner_optimizer: str = "sgd"  # the refinement's steps: "sgd" (the lecture's) or "adam"
+    inner_optimizer: Optional[str] = None  # the refinement's steps: "sgd" (the lecture's, clipped) or "adam"
+    inner_lr_decay: Optional[float] = None  # the step size decays geometrically to inner_lr * inner_lr_decay
+    local_lr: Optional[float] = None  # svi-local: Adam step size of the stored λ_i (unset: the measured 0.1)
     elbo: str = "Trace_ELBO"
     num_particles: int = 1
     optimizer: str = "adam"
@@ -102,10 +107,23 @@ class TrainConfig:
     batch_size: int = 128
     num_epochs: int = 10
     max_steps: Optional[int] = None
+    time_limit: Optional[float] = None  # stop training after this many seconds of one fit call (a wall-time budget)
     seed: int = 0
     keep_last: int = 2
     progress: bool = True
     validate: bool = True  # report the validation ELBO each epoch
+    device: str = "cpu"  # "cpu", "cuda" (each process: the GPU of its local rank) or "cuda:K" (ppl_models.infer.distributed)
+    fast_path: object = False  # false, true/"eager", "compile" or "auto": the captured ELBO (ppl_models.infer.fastpath)
+
+    def __post_init__(self):
+        # A strategy's names are checked when the file is read, before a run directory is written.
+        from ppl_models.infer.strategies import INNER_OPTIMIZERS, REFINE_GRADS, STRATEGIES
+
+        for key, value, valid in (("strategy", self.strategy, STRATEGIES),
+                                  ("refine_grad", self.refine_grad, REFINE_GRADS),
+                                  ("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)):
+            if value is not None and value not in valid:
+                raise ConfigError(f"[train] {UnknownNameError(key.replace('_', ' '), value, valid)}")
 
 
 @dataclass
@@ -113,6 +131,8 @@ class EvaluateConfig:
     num_samples: int = 5000
     batch_size: int = 100
     split: str = "test"
+    # svi-local / svi-inner: Adam steps fitting λ of each evaluated batch from the prior (unset: 300)
+    refine_steps: Optional[int] = None
 
 
 @dataclass
@@ -214,7 +234,10 @@ def _build_section(name: str, section_cls, table: Dict[str, Any], source: str):
         if key not in valid:
             raise ConfigError(f"{source}: [{name}] {UnknownNameError('key', key, valid)}")
         kwargs[key] = _check_type(f"{source}: [{name}].{key}", value, hints[key])
-    return section_cls(**kwargs)
+    try:
+        return section_cls(**kwargs)
+    except ConfigError as exc:  # a section's own check (__post_init__)
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:

@@ -8,6 +8,9 @@ This is the only module that imports :mod:`arviz`, so a move to ArviZ 1.x touche
 * :func:`pointwise_inference_data`, :func:`save_netcdf`, :func:`load_netcdf` — per-datapoint results as an
   :class:`arviz.InferenceData` written to netCDF atomically.
 * :func:`summary`, :func:`ess`, :func:`rhat`, :func:`loo` — pass-throughs to ArviZ.
+* :func:`draws_inference_data`, :func:`from_pyro_mcmc`, :func:`add_log_likelihood`, :func:`compare` — the
+  estimator comparison (:mod:`ppl_models.compare`): draws with chains (seeds or MCMC chains), ELBO traces,
+  pointwise log-likelihoods, ``az.from_pyro`` for Pyro's MCMC and ``az.compare``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,15 @@ __all__ = [
     "ess",
     "rhat",
     "loo",
+    "draws_inference_data",
+    "from_pyro_mcmc",
+    "add_log_likelihood",
+    "compare",
+    "psis_smooth",
+    "InferenceData",
 ]
+
+InferenceData = az.InferenceData
 
 #: :math:`\hat k` below this: importance sampling with these weights is reliable.
 KHAT_GOOD = 0.5
@@ -172,3 +183,98 @@ def rhat(data, **kwargs):
 def loo(data, **kwargs):
     """``az.loo``: PSIS leave-one-out cross-validation."""
     return az.loo(data, **kwargs)
+
+
+def draws_inference_data(
+    posterior: Mapping[str, np.ndarray] | None = None,
+    *,
+    sample_stats: Mapping[str, np.ndarray] | None = None,
+    log_likelihood: Mapping[str, np.ndarray] | None = None,
+    dims: Mapping[str, list] | None = None,
+    coords: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping | None = None,
+) -> az.InferenceData:
+    """An :class:`arviz.InferenceData` from arrays shaped ``(chain, draw, ...)`` (``az.from_dict``).
+
+    :param posterior: draws of latent variables, e.g. ``{"locs": (seeds, draws, K, D)}``.
+    :param sample_stats: e.g. ELBO traces ``{"elbo": (seeds, evaluations)}`` (a group's ``draw`` length is its own).
+    :param log_likelihood: pointwise log-likelihoods ``{"x": (chains, draws, n)}``.
+    :param dims: dimension names after ``(chain, draw)`` per variable.
+    :param coords: coordinates of those dimensions.
+    :param attrs: attributes of every group (numbers and strings).
+    """
+    for group, values in (("posterior", posterior), ("sample_stats", sample_stats), ("log_likelihood", log_likelihood)):
+        for name, a in (values or {}).items():
+            if np.asarray(a).ndim < 2:
+                raise ValueError(f"{group} {name!r}: expected shape (chain, draw, ...), received {np.shape(a)}")
+    with warnings.catch_warnings():
+        # (seeds, 1, ...) arrays are intended: one value per seed (e.g. a per-datapoint k̂ of the final q).
+        warnings.filterwarnings("ignore", message=r"More chains \(\d+\) than draws", category=UserWarning)
+        return _from_dict_draws(posterior, sample_stats, log_likelihood, dims, coords, attrs)
+
+
+def _from_dict_draws(posterior, sample_stats, log_likelihood, dims, coords, attrs):
+    return az.from_dict(
+        posterior=dict(posterior) if posterior else None,
+        sample_stats=dict(sample_stats) if sample_stats else None,
+        log_likelihood=dict(log_likelihood) if log_likelihood else None,
+        dims=dict(dims or {}),
+        coords=dict(coords or {}),
+        posterior_attrs=dict(attrs or {}) if posterior else None,
+        sample_stats_attrs=dict(attrs or {}) if sample_stats else None,
+        log_likelihood_attrs=dict(attrs or {}) if log_likelihood else None,
+    )
+
+
+def from_pyro_mcmc(mcmc, *, log_likelihood: Mapping[str, np.ndarray] | None = None, dims=None, coords=None):
+    """``az.from_pyro`` of a finished :class:`pyro.infer.MCMC` run (posterior and NUTS sample stats).
+
+    ArviZ's own log-likelihood pass re-runs the model on every draw, which fails for models that enumerate a
+    site; ``log_likelihood`` (``{"x": (chains, draws, n)}``, computed by the caller) is added instead.
+    """
+    idata = az.from_pyro(mcmc, log_likelihood=False, dims=dims, coords=coords)
+    if log_likelihood:
+        add_log_likelihood(idata, log_likelihood)
+    return idata
+
+
+def add_log_likelihood(idata: az.InferenceData, log_likelihood: Mapping[str, np.ndarray], dim_name: str = "datapoint"):
+    """Add (or replace) the ``log_likelihood`` group: ``{"x": (chains, draws, n)}``."""
+    groups = {}
+    for name, a in log_likelihood.items():
+        a = np.asarray(a)
+        if a.ndim != 3:
+            raise ValueError(f"log_likelihood {name!r}: expected shape (chains, draws, n), received {a.shape}")
+        groups[name] = a
+    extra = az.from_dict(
+        log_likelihood=groups, dims={k: [dim_name] for k in groups}, coords={dim_name: np.arange(a.shape[-1])}
+    )
+    if "log_likelihood" in idata.groups():
+        del idata.log_likelihood
+    idata.add_groups(log_likelihood=extra.log_likelihood)
+    return idata
+
+
+def compare(models: Mapping[str, az.InferenceData], **kwargs):
+    """``az.compare`` (PSIS-LOO by default): a table ranking the models by expected log predictive density."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # high Pareto k warnings: the table reports them
+        warnings.filterwarnings("ignore", message=r"The inplace keyword")  # inside ArviZ, with pandas >= 3
+        return az.compare(dict(models), **kwargs)
+
+
+def psis_smooth(log_weights) -> tuple:
+    """Pareto-smoothed, normalized log importance weights of one set of draws (``az.psislw``, ``reff=1``) and
+    their :math:`\\hat k`.
+
+    :param log_weights: shape ``(S,)``.
+    :return: ``(smoothed log weights (S,) with logsumexp 0, k̂)``.
+    """
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.ndim != 1 or lw.shape[0] < 2:
+        raise ValueError(f"psis_smooth: expected log weights of shape (S,) with S >= 2, received {lw.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        smoothed, k = az.psislw(lw.copy(), reff=1.0)
+    return np.asarray(smoothed, dtype=np.float64), float(k)

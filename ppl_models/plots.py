@@ -20,11 +20,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyro.poutine as poutine  # noqa: E402
 import torch  # noqa: E402
+from torch.distributions import constraints  # noqa: E402
 
 from ppl_models.atomic import atomic_write_bytes  # noqa: E402
 from ppl_models.spec import ModelSpec  # noqa: E402
 
-__all__ = ["plot_elbo_curves", "plot_image_grid", "prior_means", "reconstruction_means", "save_figure"]
+__all__ = [
+    "plot_elbo_curves",
+    "plot_image_grid",
+    "is_image_model",
+    "prior_means",
+    "reconstruction_means",
+    "save_figure",
+]
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -79,6 +87,19 @@ def plot_image_grid(images: torch.Tensor, path: Path, title: str = "", ncols: in
     if title:
         ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def is_image_model(spec: ModelSpec, dataset) -> bool:
+    """Whether the image grids apply: the data set's batches are one tensor (an unconditional model) and the
+    observed site is a square image of values in [0, 1] (e.g. MNIST; not a real-valued vector of 16 numbers)."""
+    data = dataset.batch(torch.arange(min(1, int(dataset.num_data))), torch.Generator().manual_seed(0))
+    numel = math.prod(spec.observed.event_shape)
+    return (
+        len(data) == 1
+        and spec.observed.support is constraints.unit_interval
+        and numel >= 64
+        and math.isqrt(numel) ** 2 == numel
+    )
 
 
 def _observed_mean(trace, spec: ModelSpec) -> torch.Tensor:

@@ -116,12 +116,58 @@ BUILTIN_MODULES = (
     "guides.linear_gaussian",
     "ppl_models.gmm",
     "guides.gmm",
+    "ppl_models.cvae",
+    "guides.cvae",
+    "ppl_models.lstm_lm",
+    "ppl_models.bigram",
+    "ppl_models.text_vae",
+    "guides.text_vae",
+    "ppl_models.vrnn",
+    "guides.vrnn",
+    "ppl_models.alignment",
+    "guides.alignment",
 )
 
 
 def _load_builtins() -> None:
     for name in BUILTIN_MODULES:
         importlib.import_module(name)
+
+
+_SOURCES: Dict[str, object] = {}
+
+
+def load_source(source: str):
+    """Import the module that declares and registers a user's model (a config's ``[model] module``):
+    a path to a ``.py`` file (relative to the working directory) or a dotted module name.  Each file is
+    executed once per process."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"model module: expected a .py path or a dotted module name (str), received {source!r}")
+    if not source.endswith(".py"):
+        try:
+            return importlib.import_module(source)
+        except ImportError as exc:
+            raise ValueError(f"model module {source!r}: cannot import it ({exc})") from None
+    path = Path(source).resolve()
+    if str(path) in _SOURCES:
+        return _SOURCES[str(path)]
+    if not path.is_file():
+        raise ValueError(f"model module {source!r}: expected a Python file, {path} does not exist")
+    name = "ppl_models_user_" + "".join(c if c.isalnum() else "_" for c in path.stem)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    _SOURCES[str(path)] = module
+    return module
 
 
 def model_names():

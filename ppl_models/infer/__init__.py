@@ -2,6 +2,7 @@
 
 from ppl_models.infer.em import EMModel, EMResult, fit_em
 from ppl_models.infer.engine import FitResult, NonFiniteLossError, Trainer, TrainingInterrupted, fit
+from ppl_models.infer.fastpath import FAST_PATH_MODES, FastPathUnsupported
 from ppl_models.infer.objectives import ELBO_NAMES, make_elbo
 from ppl_models.infer.optim import OPTIMIZER_NAMES, make_optimizer
 
@@ -10,6 +11,8 @@ __all__ = [
     "EMResult",
     "ELBO_NAMES",
     "OPTIMIZER_NAMES",
+    "FAST_PATH_MODES",
+    "FastPathUnsupported",
     "FitResult",
     "NonFiniteLossError",
     "Trainer",

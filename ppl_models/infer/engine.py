@@ -48,6 +48,7 @@ from ppl_models.infer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from ppl_models.infer.fastpath import FastPath, fast_path_mode, make_fast_path
 from ppl_models.infer.objectives import make_elbo
 from ppl_models.infer.optim import OPTIMIZER_NAMES, Optimizer, make_optimizer
 from ppl_models.registry import UnknownNameError
@@ -117,6 +118,9 @@ class Trainer:
     :param callback: called as ``callback(trainer, step, loss)`` after each step.
     :param step_fn: a strategy's update rule ``step_fn(trainer, args, idx) -> loss`` replacing the joint
         step on every parameter (:mod:`ppl_models.infer.strategies`).
+    :param fast_path: ``False`` (Pyro's ELBO every step), ``True``/``"eager"``, ``"compile"`` or ``"auto"``:
+        the objective captured once as a tensor function (:mod:`ppl_models.infer.fastpath`), falling back
+        to Pyro's ELBO with a one-line notice when the model, guide or objective is not supported.
     """
 
     model: Callable
@@ -141,8 +145,11 @@ class Trainer:
     log_every: int = 50
     callback: Optional[Callable] = None
     step_fn: Optional[Callable] = None
+    fast_path: object = False
 
     def __post_init__(self):
+        fast_path_mode(self.fast_path)  # a bad value is an error now, not at the first step
+        self._fast: Optional[FastPath] = None
         if self.validate not in ("first", "always"):
             raise ValueError(f"validate: expected 'first' or 'always', received {self.validate!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -224,6 +231,7 @@ class Trainer:
             p.grad = None
         self._names = names
         self._optim = make_optimizer(self.optimizer, named, lr=self.lr, sparse_ids=sparse_ids, **self.optimizer_kwargs)
+        self._fast = make_fast_path(self)
 
     # -------------------------------------------------------------- one step
     def _loss_and_grads(self, args, idx) -> float:
@@ -254,7 +262,9 @@ class Trainer:
 
     def _train_step(self, args, idx) -> float:
         self._optim.zero_grad()
-        loss = self._loss_and_grads(args, idx)
+        loss = None if self._fast is None else self._fast.try_loss_and_grads((*args, idx))
+        if loss is None:
+            loss = self._loss_and_grads(args, idx)
         if not math.isfinite(loss):
             self._raise_non_finite(loss, args, idx)
         self._optim.step()
@@ -410,7 +420,11 @@ class Trainer:
     def _run_epoch(self, caught) -> None:
         epoch_start = time.perf_counter()
         if self.perm is None or self.batch_in_epoch == 0:
-            self.perm = torch.randperm(self.num_data, generator=self.generator)
+            order = getattr(self.train, "epoch_order", None)  # a data set may order an epoch (length buckets)
+            if order is not None:
+                self.perm = order(self.batch_size, self.generator)
+            else:
+                self.perm = torch.randperm(self.num_data, generator=self.generator)
             self._epoch_loss_sum, self._epoch_steps = 0.0, 0
         bar = tqdm(
             total=self.num_batches,
