@@ -248,7 +248,7 @@ def log_normalizer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _LogNormalizer(torch.autograd.Function):
-    """:func:`log_normalizer` with a fused backward.
+    r""":func:`log_normalizer` with a fused backward.
 
     Forward: :math:`E_a = e^{a - \max a}`, :math:`E_b = e^{b - \max b}`, :math:`Z = E_a E_b^\top`; a batch whose
     ``Z`` underflows somewhere in the input's dtype is recomputed in float64, and by a direct log-sum-exp if even

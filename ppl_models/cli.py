@@ -149,16 +149,9 @@ def run(args) -> int:
         experiment = Experiment.from_file(args.config, _overrides(args), run_dir=args.run_dir)
         if args.nproc is not None and args.nproc > 1 and not in_torchrun():
             return _launch_fit(args, experiment)
-        if in_torchrun() or experiment.config.train.device != "cpu":
-            from ppl_models.infer.distributed import fit_experiment
-
-            result, metrics = fit_experiment(
-                experiment, resume=args.resume, evaluate=not args.no_evaluate, num_samples=args.num_samples
-            )
-            if os.environ.get("RANK", "0") != "0":
-                return 0
-        else:
-            result, metrics = experiment.fit(resume=args.resume, evaluate=not args.no_evaluate, num_samples=args.num_samples)
+        result, metrics = experiment.fit(resume=args.resume, evaluate=not args.no_evaluate, num_samples=args.num_samples)
+        if in_torchrun() and os.environ.get("RANK", "0") != "0":
+            return 0
         print(f"trained {result.step} steps, {result.epoch} epochs in {result.wall_time:.1f} s; run directory {experiment.run_dir}")
     else:
         experiment = Experiment.from_run_dir(args.run_dir, _overrides(args))

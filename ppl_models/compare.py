@@ -575,7 +575,6 @@ def _bayesian_gmm_problem(config: CompareConfig, x: torch.Tensor, K: int, seed: 
     guide = _bind(bayesian_gmm_guide, q_globals=q)
     inst.guide, inst.guide_name = guide, "mean-field-globals"
     inst.modules["q_globals"] = q
-    ev = torch.arange(x.shape[0])
     return Problem("bayesian-gmm", inst, TensorDataset(x), (x, None), {}, (x, None), None, ("q_globals",),
                    local=False, enumerated=True, lr=cfg.lr,
                    info={"num_data": x.shape[0], "K": K, "init_locs": start.locs.detach().clone()})

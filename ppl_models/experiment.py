@@ -192,7 +192,16 @@ class Experiment:
 
     # ---------------------------------------------------------------- fit
     def fit(self, resume: bool = False, evaluate: bool = True, num_samples: Optional[int] = None):
-        """Train (or resume), write the ELBO plot, then evaluate on the configured split."""
+        """Train (or resume), write the ELBO plot, then evaluate on the configured split.
+
+        In a process started by torchrun, or with ``[train] device`` other than ``"cpu"``, the data-parallel
+        trainer runs instead (:func:`ppl_models.infer.distributed.fit_experiment`)."""
+        from ppl_models.infer.distributed import in_torchrun
+
+        if in_torchrun() or self.config.train.device != "cpu":
+            from ppl_models.infer.distributed import fit_experiment
+
+            return fit_experiment(self, resume=resume, evaluate=evaluate, num_samples=num_samples)
         self.resolve_model_hooks()
         self._write_config(resume)
         splits = self.load_data()

@@ -64,7 +64,8 @@ def plot_elbo_curves(history: Dict[str, list], path: Path, title: str = "") -> P
     ax.set_ylabel("ELBO per datapoint (nats)")
     ax.set_title(title or "ELBO")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     return save_figure(fig, path)
 
 

@@ -1,6 +1,7 @@
 """Shared test setup.
 
-* Every test starts from an empty Pyro param store and seed 0 (as in Pyro's own tests/conftest.py).
+* Every test starts from an empty Pyro param store, seed 0 and float32 as the default dtype (as in Pyro's
+  own tests/conftest.py).
 * The real data sets live read-only at ``<repo>/../shared/data``; when that directory exists,
   ``PPL_MODELS_DATA`` defaults to it (an already-set value wins), so loaders find the files
   without downloading.  The ``shared_data`` fixture returns that directory, or skips the test
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pyro
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -33,7 +35,9 @@ def pytest_configure(config):
 def _reset_pyro():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
+    torch.set_default_dtype(torch.float32)
     yield
+    torch.set_default_dtype(torch.float32)  # a test that switches to float64 never leaks it into the next
 
 
 @pytest.fixture(scope="session")

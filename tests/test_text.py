@@ -13,6 +13,7 @@ from ppl_models.data.text import (
     TextDataError,
     Vocab,
     check_length,
+    epoch_order,
     length_batches,
     pad_batch,
     read_parallel,
@@ -80,3 +81,11 @@ def test_length_batches_cover_every_index_once_and_group_lengths():
     assert spread < 10  # random batches of 32 from 1..49 would spread ~45
     again = length_batches(lengths, 32, torch.Generator().manual_seed(1), pool=10)
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_epoch_order_chunks_are_the_length_batches_with_the_short_batch_last():
+    lengths = torch.randint(1, 30, (203,), generator=torch.Generator().manual_seed(2))
+    batches = length_batches(lengths, 16, torch.Generator().manual_seed(3), pool=4)
+    assert all(len(b) == 16 for b in batches[:-1]) and len(batches[-1]) == 203 % 16
+    order = epoch_order(lengths, 16, torch.Generator().manual_seed(3), pool=4)
+    assert [c.tolist() for c in order.split(16)] == [b.tolist() for b in batches]

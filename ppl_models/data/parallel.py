@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ppl_models.data.files import fetch
-from ppl_models.data.text import TextDataError, Vocab, check_length, pad_batch, read_parallel
+from ppl_models.data.text import TextDataError, Vocab, check_length, epoch_order, pad_batch, read_parallel
 
 __all__ = [
     "ParallelText",
@@ -117,21 +117,9 @@ class ParallelText:
         return src, src_lengths, tgt, tgt_lengths
 
     def epoch_order(self, batch_size: int, generator: torch.Generator, pool: int = 50) -> torch.Tensor:
-        """A permutation of ``range(num_data)`` whose consecutive ``batch_size`` chunks have similar lengths.
-
-        Shuffled with ``generator``, cut into pools of ``pool * batch_size``, each pool sorted by length and cut
-        into batches; the full batches are shuffled and the one partial batch (if any) comes last.
-        """
-        perm = torch.randperm(self.num_data, generator=generator)
-        full, partial = [], []
-        span = pool * batch_size
-        for start in range(0, self.num_data, span):
-            chunk = perm[start : start + span]
-            chunk = chunk[torch.argsort(self._lengths[chunk], stable=True)]
-            for b in chunk.split(batch_size):
-                (full if len(b) == batch_size else partial).append(b)
-        order = torch.randperm(len(full), generator=generator)
-        return torch.cat([full[i] for i in order] + partial)
+        """The engine's hook: a permutation of ``range(num_data)`` whose consecutive ``batch_size`` chunks have
+        similar target lengths (:func:`ppl_models.data.text.epoch_order`)."""
+        return epoch_order(self._lengths, batch_size, generator, pool)
 
 
 def encode_pairs(src_tokens, tgt_tokens, src_vocab: Vocab, tgt_vocab: Vocab, *, max_len: int, on_long: str = "error",

@@ -34,7 +34,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ppl_models.data.files import fetch
-from ppl_models.data.text import TextDataError, Vocab, check_length, length_batches, pad_batch, read_sentences
+from ppl_models.data.text import (
+    TextDataError,
+    Vocab,
+    check_length,
+    epoch_order,
+    length_batches,
+    pad_batch,
+    read_sentences,
+)
 
 __all__ = ["PTB_SPLITS", "PTB_VOCAB_SIZE", "SentenceDataset", "encode_sentences", "load_ptb", "ptb_splits"]
 
@@ -75,10 +83,8 @@ class SentenceDataset:
 
     def epoch_order(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """The engine's hook: a permutation of ``range(num_data)`` whose consecutive ``batch_size`` chunks are
-        :meth:`length_batches` (the partial batches moved to the end, so that the chunks stay aligned)."""
-        batches = self.length_batches(batch_size, generator)
-        full = [b for b in batches if len(b) == batch_size]
-        return torch.cat(full + [b for b in batches if len(b) != batch_size])
+        :meth:`length_batches` (:func:`ppl_models.data.text.epoch_order`)."""
+        return epoch_order(self.lengths, batch_size, generator)
 
     def sorted_by_length(self) -> "SentenceDataset":
         """The same sentences, shortest first (consecutive rows pad little: for evaluation)."""

@@ -11,7 +11,8 @@ Shared by the sequence models (language models on Penn Treebank, latent-alignmen
   empty line on either side is one error naming both files and the line.
 * :func:`pad_batch` — a list of index sequences as one ``(batch, max_len)`` ``LongTensor`` padded with
   ``<pad>`` plus their lengths, the form every sequence model here takes (with a mask ``arange(T) < lengths``).
-* :func:`length_batches` — minibatches of similar lengths (less padding), shuffled by an explicit generator.
+* :func:`length_batches`, :func:`epoch_order` — minibatches of similar lengths (less padding), shuffled by an
+  explicit generator; ``epoch_order`` is the engine's hook for ordering an epoch.
 
 Unknown tokens: :meth:`Vocab.encode` maps them to ``<unk>`` (``unk="map"``, the default — the documented handling
 at evaluation time) or raises :class:`TextDataError` naming the token and where it occurred (``unk="error"``).
@@ -40,6 +41,7 @@ __all__ = [
     "check_length",
     "pad_batch",
     "length_batches",
+    "epoch_order",
 ]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -234,22 +236,32 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_index: int = 0) -> Tuple[torch.
     return tokens, lengths
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+def length_batches(lengths: Sequence[int] | torch.Tensor, batch_size: int, generator: torch.Generator,
                    pool: int = 50) -> List[torch.Tensor]:
-    """Minibatches of indices with similar lengths, in a random order.
+    """Minibatches of indices with similar lengths, in a random order; the one short batch last.
 
     The data are shuffled with ``generator``, cut into pools of ``pool * batch_size`` indices, each pool is sorted
-    by length and cut into batches, and the batches are shuffled: padding stays small while every epoch differs.
+    by length and cut into batches; the full batches are shuffled and the short ones follow them, so that the
+    concatenation cut into consecutive ``batch_size`` chunks gives back exactly these batches
+    (:func:`epoch_order`).  Padding stays small while every epoch differs.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, received {batch_size!r}")
-    lengths_t = torch.as_tensor(list(lengths), dtype=torch.long)
+    lengths_t = torch.as_tensor(lengths, dtype=torch.long)
     perm = torch.randperm(len(lengths_t), generator=generator)
-    batches = []
+    full, short = [], []
     span = pool * batch_size
     for start in range(0, len(perm), span):
         chunk = perm[start : start + span]
         chunk = chunk[torch.argsort(lengths_t[chunk], stable=True)]
-        batches += list(chunk.split(batch_size))
-    order = torch.randperm(len(batches), generator=generator)
-    return [batches[i] for i in order]
+        for b in chunk.split(batch_size):
+            (full if len(b) == batch_size else short).append(b)
+    order = torch.randperm(len(full), generator=generator)
+    return [full[i] for i in order] + short
+
+
+def epoch_order(lengths: Sequence[int] | torch.Tensor, batch_size: int, generator: torch.Generator,
+                pool: int = 50) -> torch.Tensor:
+    """The engine's ``epoch_order`` hook for a data set of sequences: a permutation of ``range(len(lengths))``
+    whose consecutive ``batch_size`` chunks are the :func:`length_batches`."""
+    return torch.cat(length_batches(lengths, batch_size, generator, pool))
