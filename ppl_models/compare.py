@@ -87,6 +87,7 @@ from ppl_models.registry import UnknownNameError
 
 __all__ = [
     "PROBLEMS",
+    "BUILTIN_PROBLEMS",
     "CompareConfig",
     "load_compare_config",
     "Problem",
@@ -101,7 +102,10 @@ __all__ = [
     "run_comparison",
 ]
 
-PROBLEMS = ("vae", "gmm", "linear-gaussian", "bayesian-gmm")
+#: The built-in problems; ``"experiment"`` compares the model, guide and data of any ``ppl-models fit`` config
+#: (``[experiment] config``), e.g. a model declared with :mod:`ppl_models.declarative`.
+BUILTIN_PROBLEMS = ("vae", "gmm", "linear-gaussian", "bayesian-gmm")
+PROBLEMS = BUILTIN_PROBLEMS + ("experiment",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,7 +115,7 @@ PROBLEMS = ("vae", "gmm", "linear-gaussian", "bayesian-gmm")
 
 @dataclass
 class CompareSection:
-    problems: List[str] = field(default_factory=lambda: list(PROBLEMS))
+    problems: List[str] = field(default_factory=lambda: list(BUILTIN_PROBLEMS))
     estimators: List[str] = field(default_factory=lambda: list(ESTIMATOR_NAMES))
     seed: int = 0
     run_dir: str = "runs/compare"
@@ -185,6 +189,11 @@ class BayesianGMMSection:
     lr: float = 0.02  # Adam step size of the guide of the global latents
 
 
+@dataclass
+class ExperimentSection:
+    config: str = ""  # a `ppl-models fit` TOML whose model, guide and data the "experiment" problem compares
+
+
 _COMPARE_SECTIONS = {
     "compare": CompareSection,
     "gradients": GradientsSection,
@@ -193,6 +202,7 @@ _COMPARE_SECTIONS = {
     "gmm": GMMSection,
     "linear_gaussian": LinearGaussianSection,
     "bayesian_gmm": BayesianGMMSection,
+    "experiment": ExperimentSection,
 }
 
 
@@ -207,6 +217,7 @@ class CompareConfig:
     gmm: GMMSection = field(default_factory=GMMSection)
     linear_gaussian: LinearGaussianSection = field(default_factory=LinearGaussianSection)
     bayesian_gmm: BayesianGMMSection = field(default_factory=BayesianGMMSection)
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
 
     @classmethod
     def from_dict(cls, raw, source: str = "config") -> "CompareConfig":
@@ -237,6 +248,9 @@ class CompareConfig:
         for p in c.problems:
             if p not in PROBLEMS:
                 raise ConfigError(f"{source}: [compare].problems: {UnknownNameError('problem', p, PROBLEMS)}")
+        if "experiment" in c.problems and not self.experiment.config:
+            raise ConfigError(f"{source}: problem 'experiment' needs [experiment].config, the path of a "
+                              "`ppl-models fit` config (its model, guide and data are compared)")
         for e in c.estimators:
             if e not in ESTIMATOR_NAMES:
                 unknown = UnknownNameError("estimator", e, ESTIMATOR_NAMES)
@@ -495,6 +509,8 @@ def build_problem(name: str, config: CompareConfig, seed: int) -> Problem:
     B = config.gradients.batch_size
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
+    if name == "experiment":
+        return _experiment_problem(config, seed)
     if name == "vae":
         cfg = config.vae
         x, x_eval = _vae_data(cfg, data_seed)
@@ -552,6 +568,31 @@ def build_problem(name: str, config: CompareConfig, seed: int) -> Problem:
     cfg = config.bayesian_gmm
     x = _bayesian_gmm_data(cfg, data_seed)
     return _bayesian_gmm_problem(config, x, cfg.num_components, seed)
+
+
+def _experiment_problem(config: CompareConfig, seed: int) -> Problem:
+    """The model, guide and training data of a ``ppl-models fit`` config (:class:`ppl_models.experiment.Experiment`),
+    its networks initialised from ``seed``; the data (one tensor per datapoint, drawn once with ``[compare].seed``)
+    are the same for every estimator and seed."""
+    from ppl_models.experiment import Experiment
+
+    path = config.experiment.config
+    experiment = Experiment.from_file(path, overrides={"train.seed": seed})
+    splits = experiment.load_data()
+    train = splits["train"]
+    N = int(train.num_data)
+    instance = experiment.build(N)  # clears the param store and seeds Pyro with the run's (overridden) seed
+    data = train.batch(torch.arange(N), torch.Generator().manual_seed(config.compare.seed))
+    if len(data) != 1:
+        raise ConfigError(f"[experiment].config {path}: the comparison takes models of one observed tensor "
+                          f"model(x, idx, ...); data set {experiment.config.data.name!r} yields {len(data)} tensors")
+    (x,) = data
+    idx = torch.arange(min(config.gradients.batch_size, N))
+    ev = torch.arange(min(config.training.eval_size, N))
+    return Problem("experiment", instance, TensorDataset(x), (x[idx], idx), {}, (x[ev], ev), None,
+                   _guide_module_names(instance),
+                   info={"config": str(path), "model": instance.model_name, "guide": instance.guide_name,
+                         "num_data": N})
 
 
 def _bayesian_gmm_data(cfg: BayesianGMMSection, data_seed: int) -> torch.Tensor:

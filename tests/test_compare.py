@@ -252,3 +252,28 @@ def test_example_script_runs_with_tiny_flags(tmp_path):
     summary = compare_estimators.main(args)
     assert [r["estimator"] for r in summary["gradients"]] == compare.load_compare_config(SMALL).compare.estimators
     assert (tmp_path / "ex" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_compare_runs_a_declared_model_from_its_fit_config(tmp_path, monkeypatch):
+    """`ppl-models compare` on any `ppl-models fit` config: here the PPCA model declared in examples/ppca.py."""
+    monkeypatch.chdir(REPO)  # the fit config names its model file relative to the repository
+    run_dir = tmp_path / "cmp"
+    overrides = ["compare.problems=[\"experiment\"]", f"experiment.config=\"{REPO / 'examples/configs/ppca.toml'}\"",
+                 "compare.estimators=[\"reparameterized\",\"score-function\",\"analytic-kl\"]", "compare.plots=false"]
+    argv = ["compare", str(SMALL), "--run-dir", str(run_dir)]
+    for o in overrides:
+        argv += ["-o", o]
+    assert cli_main(argv) == 0
+    with open(run_dir / "gradients.csv", newline="") as f:
+        by = {r["estimator"]: r for r in csv.DictReader(f)}
+    assert set(by) == {"reparameterized", "score-function", "analytic-kl"}
+    assert all(r["problem"] == "experiment" and r["status"] == "ok" for r in by.values())
+    nc = sorted(p.name for p in (run_dir / "idata").glob("*.nc"))
+    assert "experiment__reparameterized.nc" in nc
+
+
+def test_experiment_problem_needs_its_config():
+    from ppl_models.compare import load_compare_config
+    with pytest.raises(ConfigError, match=r"problem 'experiment' needs \[experiment\]\.config"):
+        load_compare_config(SMALL, {"compare.problems": ["experiment"]})
