@@ -88,7 +88,7 @@ if __name__ == "__main__":
     parser.add_argument("--config", default=str(CONFIG), help="experiment TOML (default: %(default)s)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all five")
     parser.add_argument("--max-steps", type=int, default=None, help="default: the config's (1500)")
-    parser.add_argument("--num-epochs", type=int, default=None, help="default: the config's (1)")
+    parser.add_argument("--num-epochs", type=int, default=None, help="default: the config's (10; max_steps stops first)")
     parser.add_argument("--time-limit", type=float, default=None, help="training seconds per variant (config: 1000)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training pairs")
     parser.add_argument("--limit-test", type=int, default=None, help="evaluate only the first N test pairs")
