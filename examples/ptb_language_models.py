@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pyro
@@ -43,7 +42,7 @@ from pyro import poutine
 
 from ppl_models import registry
 from ppl_models.atomic import atomic_write_bytes
-from ppl_models.config import ConfigError, parse_override
+from ppl_models.config import ConfigError, parse_override, read_toml
 from ppl_models.data.ptb import SentenceDataset, ptb_splits
 from ppl_models.evaluate import evaluate
 from ppl_models.infer.annealing import AnnealedTrainer, KLSchedule
@@ -75,12 +74,7 @@ _SECTIONS = ("label", "model", "guide", *SCHEMA)
 def load_run_config(path, overrides=()) -> dict:
     """The TOML run config with ``SECTION.KEY=VALUE`` overrides, checked against :data:`SCHEMA`."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path)
     for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")

@@ -63,7 +63,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -80,7 +79,7 @@ from torch.nn import functional as F
 
 from ppl_models import diagnostics, registry
 from ppl_models.atomic import atomic_write_bytes
-from ppl_models.config import ConfigError, _check_type
+from ppl_models.config import ConfigError, _check_type, read_toml
 from ppl_models.data import TensorDataset
 from ppl_models.infer.estimators import ESTIMATOR_NAMES, Estimator, EstimatorError, make_estimator
 from ppl_models.registry import UnknownNameError
@@ -293,12 +292,7 @@ def _check_value(where: str, value, tp):
 def load_compare_config(path, overrides: typing.Mapping | None = None) -> CompareConfig:
     """Read a comparison TOML file; ``overrides`` are dotted keys, e.g. ``{"training.num_steps": 100}``."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:

@@ -55,6 +55,7 @@ __all__ = [
     "EvaluateConfig",
     "OutputConfig",
     "load_config",
+    "read_toml",
     "parse_override",
     "to_toml",
 ]
@@ -240,16 +241,22 @@ def _build_section(name: str, section_cls, table: Dict[str, Any], source: str):
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a TOML experiment file (``tomllib``), apply dotted-key ``overrides``, validate."""
+def read_toml(path: str | Path) -> dict:
+    """The table of a TOML file (``tomllib``); a missing file or invalid TOML is one :class:`ConfigError`
+    naming the file."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a TOML experiment file (``tomllib``), apply dotted-key ``overrides``, validate."""
+    raw = read_toml(path)
     config = Config.from_dict(raw, source=str(path))
     return config.with_overrides(overrides) if overrides else config
 
