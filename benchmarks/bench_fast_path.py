@@ -60,7 +60,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 import ppl_models as pm
-from bench_vae_step import HandVAE, loss_check
+from bench_vae_step import hand_step, loss_check
 from harness import (
     HIDDEN, X_DIM, Z_DIM, Impl, fresh_instance, measure, parser, prepare, print_table, pyro_scope, summarize,
 )
@@ -77,19 +77,8 @@ def make_impl(name: str, base, data, batches, num_data: int, batch_size: int, lr
     """Build implementation ``name``; returns an :class:`Impl` (``None``: not available here)."""
     scale = num_data / batch_size
     if name in ("hand", "hand_fused"):
-        net = HandVAE().copy_from(base.modules)
-        opt = torch.optim.Adam(net.parameters(), lr=lr, fused=name == "hand_fused")
-
-        def step(batch, net=net, opt=opt):
-            (x,), _ = batch
-            opt.zero_grad()
-            loss = net.loss(x, scale)
-            loss.backward()
-            opt.step()
-            return loss.item()
-
         label = "a. hand-written, Adam" if name == "hand" else "b. hand-written, Adam fused"
-        return Impl(name, label, step)
+        return Impl(name, label, hand_step(base, lr, name == "hand_fused", scale))
     if name == "pyro_module":
         inst = fresh_instance(base, "amortized", num_data)
         loss_fn = Trace_ELBO()(inst.model, inst.guide)

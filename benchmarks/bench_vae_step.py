@@ -98,18 +98,7 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         ("hand", "a. hand-written, Adam", False),
         ("hand_fused", "b. hand-written, Adam fused", True),
     ):
-        net = HandVAE().copy_from(base.modules)
-        opt = torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
-
-        def step(batch, net=net, opt=opt):
-            (x,), _ = batch
-            opt.zero_grad()
-            loss = net.loss(x, scale)
-            loss.backward()
-            opt.step()
-            return loss.item()
-
-        impls.append(Impl(name, label, step))
+        impls.append(Impl(name, label, hand_step(base, lr, fused, scale)))
 
     # c. Pyro SVI
     inst = fresh_instance(base, "amortized", num_data)
@@ -154,6 +143,22 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
     trainer = Trainer(inst.model, inst.guide, data, lr=lr, batch_size=batch_size, progress=False, num_epochs=10**9)
     impls.append(Impl("engine_fit", "f. engine Trainer.fit (own data, informational)", trainer, pyro_scope(), True))
     return impls
+
+
+def hand_step(base, lr: float, fused: bool, scale: float):
+    """One hand-written training step on the weights of ``base`` (Adam, default or fused): ``step(batch) -> loss``."""
+    net = HandVAE().copy_from(base.modules)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
+
+    def step(batch):
+        (x,), _ = batch
+        opt.zero_grad()
+        loss = net.loss(x, scale)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
 
 
 def loss_check(base: pm.Instance, batch, num_data: int, batch_size: int) -> dict:

@@ -275,14 +275,21 @@ def mnist_splits(
             split: TensorDataset(load_binarized_mnist(split, data_dir=data_dir, download=download))
             for split in ("train", "valid", "test")
         }
+    x_train, x_valid, x_test = train_valid_test_images(valid_size, data_dir, download, caller="mnist_splits")
+    return {
+        "train": DynamicBinarized(x_train),
+        "valid": TensorDataset(binarize(x_valid, seed)),
+        "test": TensorDataset(binarize(x_test, seed + 1)),
+    }
+
+
+def train_valid_test_images(valid_size: int, data_dir=None, download: bool = True, caller: str = "mnist"):
+    """Grey-level MNIST images ``(train, valid, test)``: the first ``60000 - valid_size`` training images, the
+    last ``valid_size`` of them, and the 10000 test images; a bad ``valid_size`` is one error naming ``caller``."""
     n_total = MNIST_SPLITS["train"][2]
     if isinstance(valid_size, bool) or not isinstance(valid_size, int) or not 0 <= valid_size < n_total:
-        raise ValueError(f"mnist_splits: expected an integer valid_size in [0, {n_total}), received {valid_size!r}")
+        raise ValueError(f"{caller}: expected an integer valid_size in [0, {n_total}), received {valid_size!r}")
     x_train, _ = load_mnist("train", data_dir=data_dir, download=download)
     x_test, _ = load_mnist("test", data_dir=data_dir, download=download)
     n_train = n_total - valid_size
-    return {
-        "train": DynamicBinarized(x_train[:n_train]),
-        "valid": TensorDataset(binarize(x_train[n_train:], seed)),
-        "test": TensorDataset(binarize(x_test, seed + 1)),
-    }
+    return x_train[:n_train], x_train[n_train:], x_test

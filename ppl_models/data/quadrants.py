@@ -29,7 +29,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ppl_models.data.mnist import MNIST_SPLITS, load_mnist
+from ppl_models.data.mnist import train_valid_test_images
 
 __all__ = ["QUADRANT_INPUTS", "missing_mask", "split_quadrants", "complete", "QuadrantDataset", "quadrant_splits"]
 
@@ -121,14 +121,9 @@ def quadrant_splits(
     :returns: ``{"train": ..., "valid": ... or None, "test": ...}``; each batch is ``(x_obs, y)``.
     """
     _check_inputs(num_quadrant_inputs, 28)
-    n_total = MNIST_SPLITS["train"][2]
-    if isinstance(valid_size, bool) or not isinstance(valid_size, int) or not 0 <= valid_size < n_total:
-        raise ValueError(f"quadrant_splits: expected an integer valid_size in [0, {n_total}), received {valid_size!r}")
-    x_train, _ = load_mnist("train", data_dir=data_dir, download=download)
-    x_test, _ = load_mnist("test", data_dir=data_dir, download=download)
-    n_train = n_total - valid_size
+    x_train, x_valid, x_test = train_valid_test_images(valid_size, data_dir, download, caller="quadrant_splits")
     return {
-        "train": QuadrantDataset(x_train[:n_train], num_quadrant_inputs),
-        "valid": QuadrantDataset(x_train[n_train:], num_quadrant_inputs) if valid_size else None,
+        "train": QuadrantDataset(x_train, num_quadrant_inputs),
+        "valid": QuadrantDataset(x_valid, num_quadrant_inputs) if valid_size else None,
         "test": QuadrantDataset(x_test, num_quadrant_inputs),
     }

@@ -496,9 +496,14 @@ def _plate_depth(model, guide, args, idx, kwargs) -> int:
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, idx, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, idx, **kwargs)
+    return trace_plate_depth(guide_trace, model_trace)
+
+
+def trace_plate_depth(*traces) -> int:
+    """How many vectorized plates the sample sites of ``traces`` nest (0: none)."""
     dims = [
         frame.dim
-        for trace in (guide_trace, model_trace)
+        for trace in traces
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]

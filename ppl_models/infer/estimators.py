@@ -69,6 +69,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import kl_divergence
 
+from ppl_models.infer.engine import trace_plate_depth
 from ppl_models.registry import UnknownNameError
 
 __all__ = [
@@ -265,15 +266,7 @@ def inspect_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict, d
         for name, site in model_trace.nodes.items()
         if _is_latent(site) and name not in guide_trace.nodes and site["infer"].get("enumerate") == "parallel"
     )
-    dims = [
-        frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return Structure(tuple(sites), enumerated, -min(dims) if dims else 0)
+    return Structure(tuple(sites), enumerated, trace_plate_depth(guide_trace, model_trace))
 
 
 # ---------------------------------------------------------------------------------------------------------
