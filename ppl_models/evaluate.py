@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -72,6 +73,11 @@ __all__ = [
 #: chunk's tensors are fresh mmaps whose page faults cost about as much as the softplus of the logits
 #: (VAE 784-400-20, measured: 15.3 µs per sample and datapoint at 8k rows a chunk, 21.8 at 13k).
 MEMORY_BUDGET_BYTES = 24 * 2**20
+
+#: ``evaluate(fast_path="auto")``: expected seconds to compile a chunk's graph and the fraction of the evaluation
+#: time compiling saves (benchmarks/bench_evaluate.py, VAE 784-400-20, one thread: 1.24x Pyro's evaluator).
+EVAL_COMPILE_COST_S = 20.0
+EVAL_COMPILE_SAVING = 0.2
 
 #: Name of the outer plate over importance samples.
 SAMPLES_PLATE = "num_samples"
@@ -281,6 +287,21 @@ def _batch_size(data: tuple, idx) -> int:
     raise ValueError("log_weights: cannot tell the batch size: pass idx or a data tensor with a batch dim")
 
 
+def _chunk_terms(model: Callable, guide: Callable, data: tuple, idx, *, size: int, batch: int, layout: _Layout,
+                 kwargs: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p(x | z), log p(z), log q(z | x))``, each ``(size, batch)``, for ``size`` draws per datapoint."""
+    with pyro.plate(SAMPLES_PLATE, size, dim=layout.sample_dim):
+        guide_trace = poutine.trace(guide).get_trace(*data, idx, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*data, idx, **kwargs)
+    shape = (size, batch)
+    log_lik = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n]), layout, n, shape) for n in layout.observed)
+    log_prior = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n]), layout, n, shape) for n in layout.latents)
+    log_q = sum(_per_datapoint(_site_log_prob(guide_trace.nodes[n]), layout, n, shape) for n in layout.latents)
+    if not layout.latents:  # a model without latents: log p(z) = log q(z) = 0
+        log_prior = log_q = torch.zeros(shape, dtype=log_lik.dtype)
+    return log_lik, log_prior, log_q
+
+
 def _log_terms(
     model: Callable,
     guide: Callable,
@@ -292,6 +313,7 @@ def _log_terms(
     chunk_size: int | None,
     layout: _Layout | None,
     kwargs: dict,
+    fast=None,
 ) -> Tuple[_Terms, _Layout]:
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive integer, received {num_samples!r}")
@@ -309,15 +331,9 @@ def _log_terms(
     parts = None
     for start in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - start)
-        with pyro.plate(SAMPLES_PLATE, size, dim=layout.sample_dim):
-            guide_trace = poutine.trace(guide).get_trace(*data, idx, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*data, idx, **kwargs)
-        shape = (size, batch)
-        log_lik = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n]), layout, n, shape) for n in layout.observed)
-        log_prior = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n]), layout, n, shape) for n in layout.latents)
-        log_q = sum(_per_datapoint(_site_log_prob(guide_trace.nodes[n]), layout, n, shape) for n in layout.latents)
-        if not layout.latents:  # a model without latents: log p(z) = log q(z) = 0
-            log_prior = log_q = torch.zeros(shape, dtype=log_lik.dtype)
+        chunk = functools.partial(_chunk_terms, model, guide, size=size, batch=batch, layout=layout, kwargs=kwargs)
+        terms = fast.chunk_terms(chunk, data, idx) if fast is not None else None
+        log_lik, log_prior, log_q = terms if terms is not None else chunk(data, idx)
         if parts is None:
             dtype = torch.promote_types(torch.promote_types(log_lik.dtype, log_prior.dtype), log_q.dtype)
             parts = [torch.empty(num_samples, batch, dtype=dtype, device=log_lik.device) for _ in range(3)]
@@ -476,6 +492,7 @@ def evaluate(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    fast_path: object = False,
     **model_kwargs,
 ) -> EvalResult:
     r"""Importance-sampled evaluation of every datapoint of ``dataset`` (see the module docstring).
@@ -491,8 +508,16 @@ def evaluate(
     :param generator: source of randomness: the data set's batches and (through a seed drawn from it, inside
         :func:`torch.random.fork_rng`) the guide's draws; ``None``: torch's global generator.
     :param progress: show a progress bar.
+    :param fast_path: ``False`` (Pyro every chunk), ``True``/``"eager"`` (each chunk's computation captured
+        once and replayed, :class:`~ppl_models.infer.fastpath.CapturedTerms`), ``"compile"`` (the captured
+        graph under ``torch.compile``) or ``"auto"`` (the first batch through Pyro, then compiled when the rest
+        of the evaluation, at that batch's pace, would save more than :data:`EVAL_COMPILE_COST_S`).  Same draws,
+        same results up to float rounding.
     :param model_kwargs: further keywords of model and guide.
     """
+    from ppl_models.infer.fastpath import CapturedTerms, fast_path_mode
+
+    mode = fast_path_mode(fast_path)
     if isinstance(dataset, torch.Tensor):
         check_tensor(spec.observed.name, dataset, event_shape=spec.observed.event_shape)
         dataset = TensorDataset(dataset)
@@ -514,7 +539,11 @@ def evaluate(
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
             log_k = math.log(num_samples)
+            fast = CapturedTerms(mode) if mode in ("eager", "compile") else None
             for start in range(0, num_data, batch_size):
+                if mode == "auto" and start == batch_size:  # decide after the first batch
+                    left = (num_data - start) / batch_size * timings["sampling_s"]
+                    fast = CapturedTerms("compile" if left * EVAL_COMPILE_SAVING > EVAL_COMPILE_COST_S else "eager")
                 idx = torch.arange(start, min(start + batch_size, num_data))
                 data = _as_data(dataset.batch(idx, generator))
                 t0 = time.perf_counter()
@@ -528,6 +557,7 @@ def evaluate(
                     chunk_size=chunk_size,
                     layout=layout,
                     kwargs=model_kwargs,
+                    fast=fast,
                 )
                 lw = terms.log_weights  # (K, batch)
                 rows = slice(start, start + idx.shape[0])

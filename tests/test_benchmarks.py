@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,19 @@ def test_benchmark_quick_run_reports_json(script):
         assert set(result[key]) <= impls
     # the hand-written step and the package's model + guide compute the same -ELBO from the same noise
     assert result["loss_check"]["rel_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_evaluation_benchmark_quick_run_reports_json(shared_data):
+    """bench_evaluate.py without compiling: the evaluator's IWAE agrees with the hand-written one (other draws:
+    within 4 standard errors of the mean difference), and its last line is the JSON summary."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_evaluate.py"), "--quick", "--impls", "hand,evaluate"],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
+        env={**os.environ, "PPL_MODELS_DATA": str(shared_data)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "evaluate" and set(result["images_per_s"]) == {"hand", "evaluate"}
+    diff = result["mean_ll_diff_vs_first"]["evaluate"]
+    assert abs(diff["mean"]) < 4 * diff["se"] + 1e-6

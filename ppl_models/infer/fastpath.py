@@ -65,6 +65,8 @@ __all__ = [
     "FAST_PATH_MODES",
     "FastPathUnsupported",
     "CapturedLoss",
+    "CapturedTerms",
+    "capture_function",
     "capture_loss",
     "FastPath",
     "fast_path_mode",
@@ -155,17 +157,23 @@ def _check_structure(model_trace, guide_trace) -> None:
                 raise FastPathUnsupported(f"model site {name!r} is enumerated")
 
 
+def with_tensors(template: tuple, tensors) -> tuple:
+    """``template`` (tensors and other values) with its tensors replaced, in order, by ``tensors``."""
+    args, it = list(template), iter(tensors)
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            args[i] = next(it)
+    return tuple(args)
+
+
 def _loss_function(elbo, model, guide, template: tuple, kwargs: dict):
     """``f(*tensors) -> surrogate loss``: Pyro's objective for the arguments ``template`` with its tensors replaced."""
-    positions = [i for i, a in enumerate(template) if isinstance(a, torch.Tensor)]
 
     def loss(*tensors):
-        args = list(template)
-        for i, t in zip(positions, tensors):
-            args[i] = t
+        args = with_tensors(template, tensors)
         total = 0.0
         with pyro.validation_enabled(False):
-            for model_trace, guide_trace in elbo._get_traces(model, guide, tuple(args), kwargs):
+            for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
                 _check_structure(model_trace, guide_trace)
                 _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
                 total = total + surrogate / elbo.num_particles
@@ -199,15 +207,25 @@ def capture_loss(elbo, model, guide, args: tuple, kwargs: dict) -> CapturedLoss:
     Runs guide and model once (the generators' state is restored afterwards, so the caller's next draw
     is the one Pyro would make).  Raises :class:`FastPathUnsupported` with the reason.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     if type(elbo) not in _SUPPORTED_ELBOS:
         raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
+    return capture_function(_loss_function(elbo, model, guide, tuple(args), kwargs), args)
+
+
+def _tensors_of(args: tuple) -> List[torch.Tensor]:
     for a in args:
         if a is not None and not isinstance(a, torch.Tensor):
             raise FastPathUnsupported(f"argument of type {type(a).__name__} (only tensors and None)")
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    fn = _loss_function(elbo, model, guide, tuple(args), kwargs)
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def capture_function(fn: Callable, args: tuple) -> CapturedLoss:
+    """Capture ``fn(*tensors)``, a Pyro computation on the tensors of ``args`` (tensors and ``None``) that
+    returns tensors, as a :class:`CapturedLoss` (its graph returns what ``fn`` returns).  The generators'
+    state is restored afterwards.  Raises :class:`FastPathUnsupported` with the reason."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    tensors = _tensors_of(args)
     store = pyro.get_param_store()
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -334,6 +352,23 @@ def _key(args: tuple) -> tuple:
     return tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
 
 
+def _call(owner, key: tuple, cap: CapturedLoss, inputs: tuple):
+    """``owner.runners[key](*inputs)``; the first compiled call is timed into ``owner.compile_seconds``, and
+    if compiling fails the captured graph runs eagerly from then on (with one notice)."""
+    run = owner.runners[key]
+    if run is cap.graph or owner.compile_seconds is not None:
+        return run(*inputs)
+    start = time.perf_counter()
+    try:
+        out = run(*inputs)
+    except Exception as exc:  # compilation failed: keep the eager graph
+        owner.notice(f"fast path: torch.compile failed ({_first_line(exc)}); running the captured graph eagerly")
+        owner.runners[key] = cap.graph
+        out = cap.graph(*inputs)
+    owner.compile_seconds = time.perf_counter() - start
+    return out
+
+
 class FastPath:
     """Loss and gradients of ``elbo`` for ``model``/``guide`` from captured graphs, one per batch shape.
 
@@ -405,19 +440,7 @@ class FastPath:
         """The loss value (float) of ``args``; gradients accumulated into the parameters when it is finite."""
         key, cap = self.prepare(args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        noise = cap.noise_graph()
-        run = self.runners[key]
-        if run is not cap.graph and self.compile_seconds is None:
-            start = time.perf_counter()
-            try:
-                loss = run(*cap.params, *tensors, *noise)
-            except Exception as exc:  # compilation failed: keep the eager graph
-                self.notice(f"fast path: torch.compile failed ({_first_line(exc)}); running the captured graph eagerly")
-                self.runners[key] = run = cap.graph
-                loss = run(*cap.params, *tensors, *noise)
-            self.compile_seconds = time.perf_counter() - start
-        else:
-            loss = run(*cap.params, *tensors, *noise)
+        loss = _call(self, key, cap, (*cap.params, *tensors, *cap.noise_graph()))
         value = loss.item()
         if value == value and abs(value) != float("inf"):
             loss.backward()
@@ -470,3 +493,70 @@ def make_fast_path(trainer) -> Optional[FastPath]:
     total = trainer.max_steps if trainer.max_steps is not None else trainer.num_epochs * trainer.num_batches
     return FastPath(trainer._elbo, trainer.model, trainer.guide, trainer._loss_kwargs(), mode=mode,
                     planned_steps=max(0, total - trainer.step))
+
+
+# --------------------------------------------------------------------------------------- evaluation
+class CapturedTerms:
+    """The importance-sampling evaluator's per-chunk terms from captured graphs (``evaluate(fast_path=...)``).
+
+    Each chunk's Pyro computation (guide, model replayed on its draws, per-site log-densities) is captured
+    once per (chunk size, batch shape) as a graph of (parameters, batch, noise), verified on its second use
+    like the training fast path, and run eagerly or — ``mode="compile"``, for the first shape — under
+    ``torch.compile``, which fuses the elementwise work after the decoder's products.  The draws are Pyro's,
+    in Pyro's order, so the results equal the Pyro path's up to float rounding.  Anything the capture does not
+    handle ends the fast path with one notice; the evaluator then continues through Pyro.
+
+    :param mode: ``"eager"`` or ``"compile"``.
+    """
+
+    def __init__(self, mode: str = "compile", notice: Callable[[str], None] = _notice):
+        if mode not in ("eager", "compile"):
+            raise ValueError(f"mode: expected 'eager' or 'compile', received {mode!r}")
+        self.mode, self.notice = mode, notice
+        self.captured: Dict[tuple, CapturedLoss] = {}
+        self.verified: Dict[tuple, bool] = {}
+        self.runners: Dict[tuple, Callable] = {}
+        self.disabled: Optional[str] = None
+        self.compile_seconds: Optional[float] = None
+        self._compiled_key: Optional[tuple] = None
+        self._first_batch: Dict[tuple, list] = {}
+
+    def chunk_terms(self, chunk: Callable, data: tuple, idx) -> Optional[tuple]:
+        """``chunk(data, idx)`` computed by its captured graph, or ``None`` when Pyro must compute it."""
+        if self.disabled is not None:
+            return None
+        args = (*data, idx)
+        try:
+            key = (chunk.keywords.get("size") if hasattr(chunk, "keywords") else None, _key(args))
+            tensors = _tensors_of(args)
+            n_data = len(tensors) - int(isinstance(idx, torch.Tensor))
+
+            def capture():
+                return capture_function(
+                    lambda *ts: chunk(with_tensors(data, ts[:n_data]), ts[n_data] if n_data < len(ts) else idx),
+                    args,
+                )
+
+            cap = self.captured.get(key)
+            if cap is None:
+                cap = self.captured[key] = capture()
+                self.verified[key] = False
+                self._first_batch[key] = tensors  # verified on the first other batch
+                self.runners[key] = self._runner(key, cap)
+            elif not self.verified[key] and any(a is not b for a, b in zip(tensors, self._first_batch[key])):
+                if not cap.same_program(capture()):
+                    raise FastPathUnsupported("the captured program changed between batches "
+                                              "(control flow or constants depend on values)")
+                self.verified[key] = True
+                del self._first_batch[key]
+            return tuple(_call(self, key, cap, (*cap.params, *tensors, *cap.noise_graph())))
+        except FastPathUnsupported as exc:
+            self.disabled = str(exc)
+            self.notice(f"fast path off: {exc}; evaluating through Pyro")
+            return None
+
+    def _runner(self, key: tuple, cap: CapturedLoss) -> Callable:
+        if self.mode == "compile" and self._compiled_key is None:
+            self._compiled_key = key
+            return torch.compile(cap.graph, dynamic=False, fullgraph=True)
+        return cap.graph
