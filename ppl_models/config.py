@@ -134,6 +134,17 @@ class EvaluateConfig:
     split: str = "test"
     # svi-local / svi-inner: Adam steps fitting λ of each evaluated batch from the prior (unset: 300)
     refine_steps: Optional[int] = None
+    # false, true/"eager", "compile" or "auto": each chunk's Pyro computation captured once (ppl_models.evaluate);
+    # not for svi-local / svi-inner, whose test-time guide runs an optimizer inside
+    fast_path: object = False
+
+    def __post_init__(self):
+        from ppl_models.infer.fastpath import fast_path_mode
+
+        try:
+            fast_path_mode(self.fast_path)
+        except ValueError as exc:
+            raise ConfigError(f"[evaluate] {exc}") from None
 
 
 @dataclass

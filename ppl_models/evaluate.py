@@ -75,7 +75,8 @@ __all__ = [
 MEMORY_BUDGET_BYTES = 24 * 2**20
 
 #: ``evaluate(fast_path="auto")``: expected seconds to compile a chunk's graph and the fraction of the evaluation
-#: time compiling saves (benchmarks/bench_evaluate.py, VAE 784-400-20, one thread: 1.24x Pyro's evaluator).
+#: time compiling saves (benchmarks/bench_evaluate.py, VAE 784-400-20: 1.3x Pyro's evaluator on one thread, 1.56x
+#: on two; compiling took 10-20 s).
 EVAL_COMPILE_COST_S = 20.0
 EVAL_COMPILE_SAVING = 0.2
 

@@ -254,7 +254,9 @@ class Experiment:
             if trainer.resume() is None:
                 raise CheckpointError(f"{self.run_dir / 'checkpoints'} holds no readable checkpoint to evaluate")
         guide, strategy = instance.guide, self.config.train.strategy
+        fast_path = cfg.fast_path
         if strategy in ("svi-local", "svi-inner") and not (strategy == "svi-local" and split == "train"):
+            fast_path = False
             # λ of data the training did not store: fitted per batch from the prior (300 Adam steps by default)
             guide = inference_guide(strategy, instance.model, instance.spec, guide,
                                     loop=inner_loop("test", num_steps=cfg.refine_steps))
@@ -277,6 +279,7 @@ class Experiment:
             num_samples=num_samples or cfg.num_samples,
             batch_size=batch_size or cfg.batch_size,
             progress=self.config.train.progress,
+            fast_path=fast_path,
         )
         result.save(self.run_dir)
         if self.config.output.plots:

@@ -217,6 +217,24 @@ def test_config_key_reaches_the_trainer(tmp_path):
     assert trainer.fast_path == "auto"
 
 
+def test_evaluate_config_key_reaches_the_evaluator(tmp_path, monkeypatch):
+    from ppl_models import evaluate as evaluate_module
+    from ppl_models.config import Config, ConfigError
+    from ppl_models.experiment import Experiment
+
+    with pytest.raises(ConfigError, match=r"\[evaluate\] fast_path: expected one of .* received 'fastest'"):
+        Config.from_dict({"evaluate": {"fast_path": "fastest"}})
+    seen = []
+    real = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: seen.append(k["fast_path"]) or real(*a, **k))
+    config = Config.from_dict({"train": {"num_epochs": 1, "batch_size": 20, "progress": False},
+                               "evaluate": {"fast_path": "eager", "num_samples": 3, "split": "train"},
+                               "output": {"plots": False}})
+    inst = small_vae("amortized")
+    Experiment(config, tmp_path)._evaluate({"train": pixel_data()}, inst)
+    assert seen == ["eager"]
+
+
 def test_auto_mode_does_not_compile_a_short_run():
     from ppl_models.infer.fastpath import AUTO_PROBE_STEPS
 

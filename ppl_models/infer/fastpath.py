@@ -82,10 +82,12 @@ FAST_PATH_MODES = (False, True, "eager", "compile", "auto")
 
 #: "auto": eager steps timed before deciding.
 AUTO_PROBE_STEPS = 50
-#: "auto": expected seconds to compile.  Measured by benchmarks/bench_fast_path.py (VAE 784-400-20, the
-#: project's 2-core machine under other jobs' load): 84 s with a cold inductor cache, ~25 s warm.
+#: "auto": expected seconds to compile, on the safe side.  Measured by benchmarks/bench_fast_path.py (VAE
+#: 784-400-20, the project's 2-core machine): 19 s with a cold inductor cache on the idle machine, 34-84 s under
+#: other jobs' load, ~20 s warm.
 AUTO_COMPILE_COST_S = 90.0
-#: "auto": fraction of the eager step time compiling is expected to save (same script: 7-17 %).
+#: "auto": fraction of the eager step time compiling is expected to save (same script: 7-8 % on one thread,
+#: 15 % on two).
 AUTO_COMPILE_SAVING = 0.07
 
 _SUPPORTED_ELBOS = (Trace_ELBO, TraceMeanField_ELBO)
