@@ -9,7 +9,10 @@ Parameters are split in two groups:
   counterpart (``SparseAdam`` for Adam), which reads and writes only the rows of the batch.
 
 Per-step cost matters for small networks (the engine's hot path): :meth:`Optimizer.zero_grad` sets
-the gradients to ``None`` directly.
+the gradients to ``None`` directly, and fused Adam/AdamW call torch's fused kernel directly once their state
+exists (:class:`_FusedAdamStep`): the same kernel on the same tensors as ``torch.optim.Adam(fused=True).step()``
+— bitwise the same update — without its per-call grouping and step-counter bookkeeping (measured on the VAE
+784-400-20: 0.1-0.4 ms of a 5-8 ms step).
 """
 
 from __future__ import annotations
@@ -45,6 +48,53 @@ def sparse_parameter_ids(modules: Iterable[nn.Module]) -> set:
     return ids
 
 
+class _FusedAdamStep:
+    """``opt.step()`` of a ``torch.optim.Adam``/``AdamW`` with ``fused=True``, one parameter group, every
+    parameter with a dense gradient and its state already initialized: ``torch._fused_adam_`` (``_fused_adamw_``)
+    called directly on lists built once.  The step counters become views of one tensor, so one ``add_`` counts
+    them all (a checkpoint stores them as usual).  Returns ``False`` when torch's own ``step`` must run
+    (the first step, a missing gradient, AMSGrad).  Learning rate and betas are read from the group every call,
+    so schedulers still apply."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+        self._key = None
+
+    def _prepare(self, params) -> bool:
+        states = [self.opt.state.get(p) for p in params]
+        if any(not s or "exp_avg" not in s for s in states):
+            return False  # torch's first step initializes the state
+        key = tuple(id(s["exp_avg"]) for s in states) + tuple(id(s["step"]) for s in states)
+        if key != self._key:  # new state (first time, or after load_state_dict)
+            steps = torch.stack([s["step"].detach().reshape(()) for s in states])
+            for i, s in enumerate(states):
+                s["step"] = steps[i]
+            self._steps, self._step_list = steps, [s["step"] for s in states]
+            self._exp_avgs = [s["exp_avg"] for s in states]
+            self._exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            self._key = tuple(id(s["exp_avg"]) for s in states) + tuple(id(s["step"]) for s in states)
+        return True
+
+    def __call__(self) -> bool:
+        groups = self.opt.param_groups
+        if len(groups) != 1:
+            return False
+        group = groups[0]
+        params = group["params"]
+        if (group.get("amsgrad") or group.get("capturable") or group.get("differentiable")
+                or any(p.grad is None or p.grad.is_sparse for p in params) or not self._prepare(params)):
+            return False
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", isinstance(self.opt, torch.optim.AdamW))
+        fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        with torch.no_grad():
+            self._steps.add_(1)
+            fused(params, [p.grad for p in params], self._exp_avgs, self._exp_avg_sqs, [], self._step_list,
+                  amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+        return True
+
+
 class Optimizer:
     """One optimizer over named parameters, dense and sparse groups stepped together."""
 
@@ -60,11 +110,14 @@ class Optimizer:
         sparse = [p for _, p in named_params if id(p) in sparse_ids]
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self._params = [p for _, p in named_params]
+        self._fused_step = None
         if dense:
             dense_kwargs = dict(kwargs)
             if name in _FUSABLE and "fused" not in dense_kwargs and _fused_supported(dense):
                 dense_kwargs["fused"] = True
             self.optimizers["dense"] = dense_cls(dense, lr=lr, **dense_kwargs)
+            if dense_kwargs.get("fused") and dense_cls in (torch.optim.Adam, torch.optim.AdamW):
+                self._fused_step = _FusedAdamStep(self.optimizers["dense"])
         if sparse:
             if sparse_cls is None:
                 raise ValueError(
@@ -80,8 +133,9 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        for opt in self.optimizers.values():
-            opt.step()
+        for key, opt in self.optimizers.items():
+            if not (key == "dense" and self._fused_step is not None and self._fused_step()):
+                opt.step()
 
     def state_dict(self) -> dict:
         return {"names": list(self.names), **{k: opt.state_dict() for k, opt in self.optimizers.items()}}
