@@ -210,9 +210,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     if in_torchrun():  # one of a job's processes: an unexpected error is recorded for the launcher's report
-        from torch.distributed.elastic.multiprocessing.errors import record
+        from ppl_models.infer.distributed import record_errors
 
-        return record(_main)(argv)
+        return record_errors(_main)(argv)
     return _main(argv)
 
 

@@ -90,9 +90,9 @@ def final_params(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------------- subprocesses
 def worker(spec: dict) -> None:
     """One process of a job: train each case of the spec (errors recorded for the launcher's report)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
+    from ppl_models.infer.distributed import record_errors
 
-    record(_worker)(spec)
+    record_errors(_worker)(spec)
 
 
 def _worker(spec: dict) -> None:

@@ -56,15 +56,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import pyro
 import pyro.poutine as poutine
@@ -93,6 +95,7 @@ __all__ = [
     "in_torchrun",
     "launch",
     "process_group",
+    "record_errors",
     "resolve_device",
     "shard_bounds",
 ]
@@ -113,6 +116,29 @@ class DistributedJobError(RuntimeError):
 def in_torchrun() -> bool:
     """Whether this process was started by torchrun (or another launcher that sets ``RANK``/``WORLD_SIZE``)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def record_errors(fn: Callable) -> Callable:
+    """``fn`` wrapped as torch's ``errors.record`` wraps a job process's entry point (an uncaught error is written
+    to the launcher's error file, which :func:`launch` reports), but the file is written atomically: torch's
+    handler writes it in place, and its launcher, reading the file of one process while that process is still
+    writing it (a peer was just killed), fails with a ``JSONDecodeError`` instead of naming the failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+
+    class _AtomicErrorHandler(ErrorHandler):
+        def record_exception(self, e: BaseException) -> None:
+            path = self._get_error_file_path()
+            if not path:
+                return
+            data = {"message": {"message": f"{type(e).__name__}: {e}",
+                                "extraInfo": {"py_callstack": traceback.format_exc(),
+                                              "timestamp": str(int(time.time()))}}}
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as fp:
+                json.dump(data, fp)
+            os.replace(tmp, path)
+
+    return record(fn, error_handler=_AtomicErrorHandler())
 
 
 def _rank_world() -> Tuple[int, int]:
