@@ -512,8 +512,8 @@ def evaluate(
     :param fast_path: ``False`` (Pyro every chunk), ``True``/``"eager"`` (each chunk's computation captured
         once and replayed, :class:`~ppl_models.infer.fastpath.CapturedTerms`), ``"compile"`` (the captured
         graph under ``torch.compile``) or ``"auto"`` (the first batch through Pyro, then compiled when the rest
-        of the evaluation, at that batch's pace, would save more than :data:`EVAL_COMPILE_COST_S`).  Same draws,
-        same results up to float rounding.
+        of the evaluation, at that batch's pace, would save more than :data:`EVAL_COMPILE_COST_S`, else Pyro
+        throughout).  Same draws, same results up to float rounding.
     :param model_kwargs: further keywords of model and guide.
     """
     from ppl_models.infer.fastpath import CapturedTerms, fast_path_mode
@@ -544,7 +544,8 @@ def evaluate(
             for start in range(0, num_data, batch_size):
                 if mode == "auto" and start == batch_size:  # decide after the first batch
                     left = (num_data - start) / batch_size * timings["sampling_s"]
-                    fast = CapturedTerms("compile" if left * EVAL_COMPILE_SAVING > EVAL_COMPILE_COST_S else "eager")
+                    if left * EVAL_COMPILE_SAVING > EVAL_COMPILE_COST_S:  # else Pyro throughout: capturing
+                        fast = CapturedTerms("compile")  # alone does not pay for itself in a short evaluation
                 idx = torch.arange(start, min(start + batch_size, num_data))
                 data = _as_data(dataset.batch(idx, generator))
                 t0 = time.perf_counter()

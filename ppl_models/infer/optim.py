@@ -64,16 +64,19 @@ class _FusedAdamStep:
         states = [self.opt.state.get(p) for p in params]
         if any(not s or "exp_avg" not in s for s in states):
             return False  # torch's first step initializes the state
-        key = tuple(id(s["exp_avg"]) for s in states) + tuple(id(s["step"]) for s in states)
-        if key != self._key:  # new state (first time, or after load_state_dict)
+        if self._state_key(states) != self._key:  # new state (first time, or after load_state_dict)
             steps = torch.stack([s["step"].detach().reshape(()) for s in states])
             for i, s in enumerate(states):
                 s["step"] = steps[i]
             self._steps, self._step_list = steps, [s["step"] for s in states]
             self._exp_avgs = [s["exp_avg"] for s in states]
             self._exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            self._key = tuple(id(s["exp_avg"]) for s in states) + tuple(id(s["step"]) for s in states)
+            self._key = self._state_key(states)
         return True
+
+    @staticmethod
+    def _state_key(states) -> tuple:
+        return tuple(id(s[k]) for s in states for k in ("exp_avg", "exp_avg_sq", "step"))
 
     def __call__(self) -> bool:
         groups = self.opt.param_groups
