@@ -1,8 +1,8 @@
 """Training-step time of the five latent-alignment variants relative to ``soft``, in one run.
 
 Model: :mod:`ppl_models.alignment` with the Multi30k configuration (en->fr, vocabularies of the training set's
-types seen at least twice, embeddings 64, GRUs 64, output embedding 64, batch 64 of similar lengths) — or, with ``--simulated``, random
-sentences of the same lengths over vocabularies of the same sizes.  Each variant is the engine's
+types seen at least twice, embeddings 64, GRUs 64, output embedding 64, batch 64 of similar lengths) — or, with
+``--simulated``, random sentences of the same lengths over vocabularies of the same sizes.  Each variant is the engine's
 ``Trainer.train_step`` with the ELBO and guide the variant trains with (``ppl_models.alignment.VARIANTS``):
 
 * ``soft``              ``Trace_ELBO``, no latent (the reference);
@@ -23,17 +23,15 @@ exact <= 2x soft (time per step).  The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import pyro
 import torch
 
 import ppl_models as pm
-from harness import Impl, measure, pyro_scope
+from harness import Impl, emit, measure, pyro_scope, run_info
 from ppl_models.alignment import VARIANTS
 from ppl_models.data.parallel import ParallelText, multi30k_splits
 from ppl_models.data.text import Vocab
@@ -107,22 +105,14 @@ def main(args) -> dict:
         "time_ratio_vs_soft": time_ratio,
         "goal": GOALS,
         "goal_met": {k: time_ratio[k] <= g for k, g in GOALS.items()},
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
+        **run_info(args, warmup),
         "num_data": train.num_data,
         "data": "simulated" if args.simulated else "multi30k",
         "emb_dim": args.emb_dim,
         "hidden_dim": args.hidden_dim,
         "out_dim": args.out_dim,
     }
-    print(json.dumps(result))
-    sys.stdout.flush()
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,9 @@ one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import pyro
@@ -46,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import ppl_models as pm
-from harness import REPO
+from harness import REPO, emit, versions
 from ppl_models.data import load_binarized_mnist
 from ppl_models.evaluate import default_chunk_size, evaluate
 
@@ -165,14 +163,10 @@ def main(argv=None) -> dict:
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
         "chunk_size": chunk,
-        "threads": torch.get_num_threads(),
         "rounds": args.rounds,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
+        **versions(),
     }
-    print(json.dumps(result))
-    sys.stdout.flush()
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

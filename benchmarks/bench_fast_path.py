@@ -62,7 +62,8 @@ from pyro.infer import Trace_ELBO
 import ppl_models as pm
 from bench_vae_step import hand_step, loss_check
 from harness import (
-    HIDDEN, X_DIM, Z_DIM, Impl, fresh_instance, measure, parser, prepare, print_table, pyro_scope, summarize,
+    HIDDEN, X_DIM, Z_DIM, Impl, emit, fresh_instance, measure, parser, prepare, print_table, pyro_scope, run_info,
+    summarize,
 )
 from ppl_models.infer import Trainer
 from ppl_models.infer.fastpath import capture_loss
@@ -361,21 +362,13 @@ def main(argv=None) -> dict:
         "numpyro": "numpyro" in rates,
         "loss_check": check,
         "fast_loss_check": fcheck,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
+        **run_info(args, warmup),
         "num_data": num_data,
         "data": "simulated" if args.simulated else "mnist",
         "inductor_cache": "warm" if args.warm_cache else "cold",
         "cpus": sorted(os.sched_getaffinity(0)),
     }
-    print(json.dumps(result))
-    sys.stdout.flush()
-    return result
+    return emit(result)
 
 
 def argparse_suppress():

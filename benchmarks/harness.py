@@ -167,6 +167,23 @@ def prepare(args):
     return warmup, data, source, make_batches(data, args.batch_size, min(args.steps, 100))
 
 
+def versions() -> dict:
+    """torch, pyro and torch's thread count: what every benchmark's JSON line records about the software."""
+    return {"torch": torch.__version__, "pyro": pyro.__version__, "threads": torch.get_num_threads()}
+
+
+def run_info(args, warmup: int) -> dict:
+    """:func:`versions` and the timing settings of a step benchmark (rounds, steps, warm-up, batch size)."""
+    return {**versions(), "rounds": args.rounds, "steps": args.steps, "warmup": warmup, "batch_size": args.batch_size}
+
+
+def emit(result: dict) -> dict:
+    """Print ``result`` as the one JSON line that ends every benchmark's output; return it."""
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
 def report(name: str, title: str, args, warmup, impls, rates, refs, check, goal, extra=None) -> dict:
     """Print the header, the table and, as the last line, one JSON object with every figure."""
     summary = summarize(impls, rates, refs)
@@ -188,17 +205,9 @@ def report(name: str, title: str, args, warmup, impls, rates, refs, check, goal,
         "goal_met": {k: v >= goal for k, v in engine.items()},
         "informational": [impl.name for impl in impls if impl.informational],
         "loss_check": check,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
+        **run_info(args, warmup),
         "data": "simulated" if args.simulated else "mnist",
         "loss_scale": "N/batch x batch sum (the -ELBO estimate of the whole data set)",
         **(extra or {}),
     }
-    print(json.dumps(result))
-    sys.stdout.flush()
-    return result
+    return emit(result)

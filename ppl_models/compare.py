@@ -79,7 +79,7 @@ from torch.nn import functional as F
 
 from ppl_models import diagnostics, registry
 from ppl_models.atomic import atomic_write_bytes
-from ppl_models.config import ConfigError, _check_type, read_toml
+from ppl_models.config import ConfigError, parse_sections, read_toml
 from ppl_models.data import TensorDataset
 from ppl_models.infer.estimators import ESTIMATOR_NAMES, Estimator, EstimatorError, make_estimator
 from ppl_models.registry import UnknownNameError
@@ -220,25 +220,7 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, raw, source: str = "config") -> "CompareConfig":
-        if not isinstance(raw, typing.Mapping):
-            raise ConfigError(f"{source}: expected a table of sections, received {type(raw).__name__}")
-        for key in raw:
-            if key not in _COMPARE_SECTIONS:
-                raise ConfigError(f"{source}: {UnknownNameError('section', key, _COMPARE_SECTIONS)}")
-        sections = {}
-        for name, section_cls in _COMPARE_SECTIONS.items():
-            table = raw.get(name, {})
-            if not isinstance(table, typing.Mapping):
-                raise ConfigError(f"{source}: [{name}] must be a table, received {type(table).__name__}")
-            hints = typing.get_type_hints(section_cls)
-            valid = [f.name for f in dataclasses.fields(section_cls)]
-            kwargs = {}
-            for key, value in table.items():
-                if key not in valid:
-                    raise ConfigError(f"{source}: [{name}] {UnknownNameError('key', key, valid)}")
-                kwargs[key] = _check_value(f"{source}: [{name}].{key}", value, hints[key])
-            sections[name] = section_cls(**kwargs)
-        config = cls(**sections)
+        config = cls(**parse_sections(raw, _COMPARE_SECTIONS, source))
         config.validate(source)
         return config
 
@@ -278,15 +260,6 @@ class CompareConfig:
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _COMPARE_SECTIONS}
-
-
-def _check_value(where: str, value, tp):
-    if typing.get_origin(tp) in (list, List):
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of {item.__name__}, received {type(value).__name__} {value!r}")
-        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
-    return _check_type(where, value, tp)
 
 
 def load_compare_config(path, overrides: typing.Mapping | None = None) -> CompareConfig:

@@ -41,7 +41,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ppl_models.registry import UnknownNameError
 
@@ -55,6 +55,7 @@ __all__ = [
     "EvaluateConfig",
     "OutputConfig",
     "load_config",
+    "parse_sections",
     "read_toml",
     "parse_override",
     "to_toml",
@@ -175,18 +176,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "Config":
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{source}: expected a table of sections, received {type(raw).__name__}")
-        unknown = [k for k in raw if k not in _SECTIONS]
-        if unknown:
-            raise ConfigError(f"{source}: {UnknownNameError('section', unknown[0], _SECTIONS)}")
-        sections = {}
-        for name, section_cls in _SECTIONS.items():
-            table = raw.get(name, {})
-            if not isinstance(table, Mapping):
-                raise ConfigError(f"{source}: [{name}] must be a table, received {type(table).__name__}")
-            sections[name] = _build_section(name, section_cls, dict(table), source)
-        return cls(**sections)
+        return cls(**parse_sections(raw, _SECTIONS, source, free_form=_FREE_FORM))
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}
@@ -217,6 +207,11 @@ def _type_name(tp) -> str:
 
 def _check_type(where: str, value, tp) -> Any:
     origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}, received {type(value).__name__} {value!r}")
+        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -233,8 +228,28 @@ def _check_type(where: str, value, tp) -> Any:
     return value
 
 
-def _build_section(name: str, section_cls, table: Dict[str, Any], source: str):
-    if name in _FREE_FORM:
+def parse_sections(raw: Mapping[str, Any], sections: Mapping[str, type], source: str,
+                   free_form: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """``{name: section}`` from a TOML table of tables: every section of ``sections`` (a dataclass each; a missing
+    table gives its defaults), keys checked against the dataclass's fields and types.  A section in ``free_form``
+    keeps its keys besides ``name`` as ``hparams``.  Anything else is one :class:`ConfigError` naming ``source``,
+    the section and the key."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a table of sections, received {type(raw).__name__}")
+    unknown = [k for k in raw if k not in sections]
+    if unknown:
+        raise ConfigError(f"{source}: {UnknownNameError('section', unknown[0], sections)}")
+    out = {}
+    for name, section_cls in sections.items():
+        table = raw.get(name, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [{name}] must be a table, received {type(table).__name__}")
+        out[name] = _build_section(name, section_cls, dict(table), source, name in free_form)
+    return out
+
+
+def _build_section(name: str, section_cls, table: Dict[str, Any], source: str, free_form: bool = False):
+    if free_form:
         section_name = table.pop("name", section_cls().name)
         if section_name is not None and not isinstance(section_name, str):
             raise ConfigError(f"{source}: [{name}].name: expected str, received {type(section_name).__name__}")

@@ -40,6 +40,13 @@ def _reset_pyro():
     torch.set_default_dtype(torch.float32)  # a test that switches to float64 never leaks it into the next
 
 
+@pytest.fixture
+def float64():
+    """Run the test with float64 as torch's default dtype (exact comparisons against quadrature)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The directory of real data files (``<root>/mnist/...``, ``<root>/binarized_mnist/...``, ...)."""

@@ -20,14 +20,6 @@ from ppl_models.text_vae import generate
 V = 7  # 4 specials + 3 words: a tiny vocabulary
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _tiny(z_dim=1, z_inputs=True):
     return registry.instantiate(
         "text-vae", "lstm-encoder", num_data=3,

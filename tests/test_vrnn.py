@@ -17,14 +17,6 @@ from ppl_models.lstm_lm import EOS_INDEX, PAD_INDEX
 V = 7  # 4 specials + 3 words
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _tiny(z_dim=1):
     return registry.instantiate(
         "vrnn", "filtering", num_data=2,
