@@ -10,7 +10,8 @@ b. ``hand_fused``    the same with ``Adam(fused=True)``;
 c. ``pyro_module``   Pyro's ``Trace_ELBO()(model, guide)`` module + ``torch.optim.Adam``;
 d. ``engine_pyro``   the engine's ``Trainer.train_step`` with ``Trace_ELBO``, Pyro every step (``fast_path=False``);
 e. ``fast_eager``    the engine with ``fast_path="eager"``: Pyro's ``Trace_ELBO`` captured once, run eagerly;
-f. ``fast_compile``  the engine with ``fast_path="compile"``: the captured graph under ``torch.compile``;
+f. ``fast_compile``  the engine with ``fast_path="compile"``: loss and gradients of the captured graph as one
+                     graph compiled by inductor;
 g. ``numpyro``       only when ``jax`` and ``numpyro`` import (``--extra-path DIR`` appends DIR to
                      ``sys.path``; they are never a dependency of the package): the same model and guide in
                      NumPyro, ``jax.jit(svi.update)`` with ``numpyro.optim.Adam``, Trace_ELBO.
@@ -102,7 +103,7 @@ def make_impl(name: str, base, data, batches, num_data: int, batch_size: int, lr
         label = {
             "engine_pyro": "d. engine, Pyro Trace_ELBO every step",
             "fast_eager": "e. engine fast path, eager",
-            "fast_compile": "f. engine fast path, torch.compile",
+            "fast_compile": "f. engine fast path, compiled",
         }[name]
         impl = Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope())
         impl.trainer = trainer

@@ -511,7 +511,7 @@ def evaluate(
     :param progress: show a progress bar.
     :param fast_path: ``False`` (Pyro every chunk), ``True``/``"eager"`` (each chunk's computation captured
         once and replayed, :class:`~ppl_models.infer.fastpath.CapturedTerms`), ``"compile"`` (the captured
-        graph under ``torch.compile``) or ``"auto"`` (the first batch through Pyro, then compiled when the rest
+        graph compiled by inductor) or ``"auto"`` (the first batch through Pyro, then compiled when the rest
         of the evaluation, at that batch's pace, would save more than :data:`EVAL_COMPILE_COST_S`, else Pyro
         throughout).  Same draws, same results up to float rounding.
     :param model_kwargs: further keywords of model and guide.

@@ -23,11 +23,10 @@ path does it once and keeps only the numbers:
    depends on values (dynamic control flow, a scalar burned into an operation) and the engine falls back.
 4. **Run.** ``loss = f(*params, *batch, *noise); loss.backward()`` eagerly (``mode="eager"``), or, with
    ``mode="compile"``, ``grad_and_value`` of ``f`` traced into one forward-and-backward graph and compiled by
-   ``torch.compile`` (:class:`JointGradient`: no autograd engine at run time, as ``jax.jit`` of
-   ``value_and_grad``), or eagerly
-   first and compiled only when the rest of the run repays the compile time (``mode="auto"``, see
-   :data:`AUTO_COMPILE_COST_S`).  The engine's optimizer (fused Adam for dense parameters, ``SparseAdam``
-   for per-datapoint tables) then steps.
+   inductor (:class:`JointGradient`: no autograd engine at run time, as ``jax.jit`` of ``value_and_grad``;
+   :class:`CompiledGraph`: no dynamo either), or eagerly first and compiled only when the rest of the run
+   repays the compile time (``mode="auto"``, see :data:`AUTO_COMPILE_COST_S`).  The engine's optimizer
+   (fused Adam for dense parameters, ``SparseAdam`` for per-datapoint tables) then steps.
 
 Unsupported, with a one-line notice and Pyro's ELBO instead (:class:`FastPathUnsupported`): objectives
 other than ``Trace_ELBO`` / ``TraceMeanField_ELBO``, guide sites without ``rsample`` (discrete or
@@ -43,7 +42,8 @@ parameter replaced in the param store after the capture also falls back.
 
 Private APIs: ``make_fx(..., _error_on_data_dependent_ops=False)`` and Pyro's ``ELBO._get_traces`` /
 ``_differentiable_loss_particle`` (torch 2.13, pyro 1.9.2).  If a later version changes them the capture
-fails, and the engine says so in its notice and runs Pyro's ELBO.
+fails, and the engine says so in its notice and runs Pyro's ELBO.  ``torch._inductor.compile`` (inductor on an
+FX graph, without dynamo): if it fails, the captured graph runs eagerly, with one notice.
 
 Speed (``benchmarks/bench_fast_path.py``): the eager captured step removes Pyro's per-step Python work;
 compiling fuses the elementwise work around the matrix products, which dominate a VAE step on a CPU.
@@ -86,12 +86,12 @@ FAST_PATH_MODES = (False, True, "eager", "compile", "auto")
 #: "auto": eager steps timed before deciding.
 AUTO_PROBE_STEPS = 50
 #: "auto": expected seconds to compile, on the safe side.  Measured by benchmarks/bench_fast_path.py (VAE
-#: 784-400-20, the project's 2-core machine): 19 s with a cold inductor cache on the idle machine, 34-84 s under
-#: other jobs' load, ~20 s warm.
+#: 784-400-20, the project's 2-core machine): 15-19 s with a cold inductor cache on the idle machine, 34-84 s
+#: under other jobs' load.
 AUTO_COMPILE_COST_S = 90.0
-#: "auto": fraction of the eager step time compiling is expected to save (same script: 7-8 % on one thread,
-#: 15 % on two).
-AUTO_COMPILE_SAVING = 0.07
+#: "auto": fraction of the eager step time compiling is expected to save (same script: 16 % on one thread,
+#: 25 % on two).
+AUTO_COMPILE_SAVING = 0.12
 
 _SUPPORTED_ELBOS = (Trace_ELBO, TraceMeanField_ELBO)
 
@@ -349,16 +349,51 @@ def _rewrite(gm: fx.GraphModule, num_inputs: int, param_by_id: Dict[int, str], s
 
 
 # ------------------------------------------------------------------------------------------- the runner
+class CompiledGraph:
+    """An aten graph compiled by inductor directly (``torch._inductor.compile``), without dynamo.
+
+    The graphs here are already pure aten graphs of tensors (captured by ``make_fx``), so dynamo has nothing
+    to trace; going around it removes its per-call work — the frame's cache lookup, guards over every input,
+    the runtime wrappers — about 0.6 ms of a 6 ms VAE step on this project's machine
+    (``benchmarks/bench_fast_path.py``).  Without guards the sizes, strides, dtypes and devices of the inputs
+    are checked here instead: the compiled code is specialised to those of its example, and a call with
+    others compiles again for them (a new program, as a new dynamo guard failure would).  The first call
+    compiles.
+
+    :param gm: the graph; flat tensor inputs, a flat tuple of tensors out.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.compiled: Dict[tuple, Callable] = {}
+
+    @staticmethod
+    def _spec(inputs) -> tuple:
+        return tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
+
+    def _compile(self, inputs) -> Callable:
+        import torch._inductor
+
+        run = self.compiled[self._spec(inputs)] = torch._inductor.compile(self.gm, list(inputs))
+        return run
+
+    def __call__(self, *inputs):
+        run = self.compiled.get(self._spec(inputs))
+        if run is None:
+            run = self._compile(inputs)
+        return run(*inputs)
+
+
 class JointGradient:
     """The compiled runner of a captured loss: loss and gradients as one pure graph, like ``jax.jit`` of
     ``value_and_grad``.
 
     On its first call ``torch.func.grad_and_value`` of the captured graph with respect to the parameters it
-    uses is traced (``make_fx``) into one forward-and-backward graph and compiled (``torch.compile``, inductor);
-    every call then returns ``(loss, [(param, grad), ...])`` without running torch's autograd engine, so the
-    compiled step has no autograd graph to build, no backward graph to interpret and no per-step autograd
-    bookkeeping (measured with ``benchmarks/bench_fast_path.py``: 7-14 % faster than compiling the loss and
-    calling ``backward``).  Parameters the loss does not use get no gradient, as in Pyro.
+    uses is traced (``make_fx``) into one forward-and-backward graph of flat tensors and compiled by inductor
+    (:class:`CompiledGraph`); every call then returns ``(loss, [(param, grad), ...])`` without running torch's
+    autograd engine or dynamo, so the compiled step has no autograd graph to build, no backward graph to
+    interpret, no guards to check and no per-step autograd bookkeeping (measured with
+    ``benchmarks/bench_fast_path.py``).  Parameters the loss does not use get no gradient, as in Pyro.
 
     :param compile: ``False`` runs the traced joint graph eagerly (for tests).
     """
@@ -367,41 +402,45 @@ class JointGradient:
         self.cap, self.compile = cap, compile
         placeholders = [n for n in cap.graph.graph.nodes if n.op == "placeholder"]
         self.used = [i for i, node in enumerate(placeholders[: len(cap.params)]) if node.users]
-        self.num_noise = sum(1 for node in placeholders if node.name.startswith("noise_"))
         self.fn: Optional[Callable] = None
 
-    def _build(self, tensors: list, noise: list) -> Callable:
+    def _build(self, inputs: list) -> Callable:
         from torch.func import grad_and_value
         from torch.fx.experimental.proxy_tensor import make_fx
 
         cap, used = self.cap, self.used
         detached = [p.detach() for p in cap.params]  # views of the live parameters: the optimizer's updates show
+        num_used = len(used)
 
-        def loss(used_params, tensors, noise):
+        def loss(*flat):  # (used parameters, batch tensors, noise)
             params = list(detached)
-            for i, p in zip(used, used_params):
+            for i, p in zip(used, flat[:num_used]):
                 params[i] = p
-            return cap.graph(*params, *tensors, *noise)
+            return cap.graph(*params, *flat[num_used:])
 
-        with torch.random.fork_rng(devices=[]):
-            joint = make_fx(grad_and_value(loss))([detached[i] for i in used], tensors, noise)
-        run = torch.compile(joint, dynamic=False, fullgraph=True) if self.compile else joint
+        def joint(*flat):
+            grads, value = grad_and_value(loss, argnums=tuple(range(num_used)))(*flat)
+            return (*grads, value)
+
         used_detached = [detached[i] for i in used]
+        example = [*used_detached, *inputs]
+        with torch.random.fork_rng(devices=[]):
+            graph = make_fx(joint)(*example)
+        run = CompiledGraph(graph) if self.compile else graph
         used_params = [cap.params[i] for i in used]
 
-        def call(tensors, noise):
-            grads, value = run(used_detached, tensors, noise)
-            return value, list(zip(used_params, grads))
+        def call(inputs):
+            out = run(*used_detached, *inputs)
+            return out[-1], list(zip(used_params, out[:-1]))
 
         return call
 
     def __call__(self, *inputs):
         """``inputs`` as the captured graph takes them (parameters, batch tensors, noise)."""
-        first_noise = len(inputs) - self.num_noise
-        tensors, noise = list(inputs[len(self.cap.params) : first_noise]), list(inputs[first_noise:])
+        inputs = list(inputs[len(self.cap.params) :])
         if self.fn is None:
-            self.fn = self._build(tensors, noise)
-        return self.fn(tensors, noise)
+            self.fn = self._build(inputs)
+        return self.fn(inputs)
 
 
 def _notice(message: str) -> None:
@@ -422,7 +461,7 @@ def _call(owner, key: tuple, cap: CapturedLoss, inputs: tuple):
     try:
         out = run(*inputs)
     except Exception as exc:  # compilation failed: keep the eager graph
-        owner.notice(f"fast path: torch.compile failed ({_first_line(exc)}); running the captured graph eagerly")
+        owner.notice(f"fast path: compiling failed ({_first_line(exc)}); running the captured graph eagerly")
         owner.runners[key] = cap.graph
         out = cap.graph(*inputs)
     owner.compile_seconds = time.perf_counter() - start
@@ -567,10 +606,10 @@ class CapturedTerms:
 
     Each chunk's Pyro computation (guide, model replayed on its draws, per-site log-densities) is captured
     once per (chunk size, batch shape) as a graph of (parameters, batch, noise), verified on its second use
-    like the training fast path, and run eagerly or — ``mode="compile"``, for the first shape — under
-    ``torch.compile``, which fuses the elementwise work after the decoder's products.  The draws are Pyro's,
-    in Pyro's order, so the results equal the Pyro path's up to float rounding.  Anything the capture does not
-    handle ends the fast path with one notice; the evaluator then continues through Pyro.
+    like the training fast path, and run eagerly or — ``mode="compile"``, for the first shape — compiled by
+    inductor (:class:`CompiledGraph`), which fuses the elementwise work after the decoder's products.  The
+    draws are Pyro's, in Pyro's order, so the results equal the Pyro path's up to float rounding.  Anything the
+    capture does not handle ends the fast path with one notice; the evaluator then continues through Pyro.
 
     :param mode: ``"eager"`` or ``"compile"``.
     """
@@ -624,5 +663,5 @@ class CapturedTerms:
     def _runner(self, key: tuple, cap: CapturedLoss) -> Callable:
         if self.mode == "compile" and self._compiled_key is None:
             self._compiled_key = key
-            return torch.compile(cap.graph, dynamic=False, fullgraph=True)
+            return CompiledGraph(cap.graph)
         return cap.graph
