@@ -18,7 +18,11 @@ c. ``hand_dense``         a dense ``(N, 2*z_dim)`` parameter + ``Adam`` over eve
 d. ``hand_dense_fused``   the same with ``Adam(fused=True)``;
 e. ``engine_trace`` / ``engine_meanfield``  ``Trainer.train_step`` with the ``mean-field`` guide
                           (sparse table + SparseAdam, fused Adam for the decoder), ``Trace_ELBO`` /
-                          ``TraceMeanField_ELBO`` (analytic KL, like the hand-written steps).
+                          ``TraceMeanField_ELBO`` (analytic KL, like the hand-written steps);
+f. ``fast_eager`` / ``fast_compile``  the same engine step with ``Trace_ELBO`` on the fast path
+                          (``fast_path="eager"`` / ``"compile"``: the λ rows of the batch are an input of the
+                          compiled graph, their gradient a sparse tensor for SparseAdam); ``--fast-path``
+                          chooses which (default both; the compiled one pays its compile in the warm-up).
 
 Timing as in ``bench_vae_step.py``: one process, warm-up, ``--rounds`` rounds of ``--steps`` steps per
 implementation in rotated order; medians over rounds, and per-round paired ratios to ``hand_sparse``.
@@ -89,7 +93,8 @@ class HandLocal(nn.Module):
         return [torch.optim.Adam([self.table, *decoder], lr=lr, fused=fused)]
 
 
-def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_size: int, lr: float):
+def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_size: int, lr: float,
+                fast_paths=("eager", "compile")):
     scale = num_data / batch_size
     impls = []
     for name, label, sparse, fused in (
@@ -120,6 +125,13 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         inst = fresh_instance(base, "mean-field", num_data)
         trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False)
         impls.append(Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope()))
+    for mode in fast_paths:
+        inst = fresh_instance(base, "mean-field", num_data)
+        trainer = Trainer(inst.model, inst.guide, data, elbo="Trace_ELBO", lr=lr, batch_size=batch_size,
+                          progress=False, fast_path=mode)
+        label = f"f. engine fast path, {'eager' if mode == 'eager' else 'compiled'}, Trace_ELBO"
+        impls.append(Impl(f"fast_{mode}", label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]),
+                          pyro_scope()))
     return impls
 
 
@@ -137,7 +149,13 @@ def loss_check(base: pm.Instance, batch, num_data: int, batch_size: int) -> dict
 
 
 def main(argv=None) -> dict:
-    args = parser(__doc__.split("\n")[0], 60000, "N, rows of the per-datapoint table").parse_args(argv)
+    p = parser(__doc__.split("\n")[0], 60000, "N, rows of the per-datapoint table")
+    p.add_argument("--fast-path", default="eager,compile",
+                   help="engine fast-path rows: a comma-separated subset of eager, compile (empty: none)")
+    args = p.parse_args(argv)
+    fast_paths = [m for m in args.fast_path.split(",") if m]
+    if set(fast_paths) - {"eager", "compile"}:
+        raise SystemExit(f"--fast-path: expected a subset of eager, compile; received {args.fast_path!r}")
     warmup, data, source, batches = prepare(args)
     num_data = data.num_data
 
@@ -147,7 +165,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():  # a table that is not all alike, so a row mix-up would show in the loss check
         base.modules[TABLE].tables["z"].weight[:, :Z_DIM].normal_(0.0, 0.5)
     check = loss_check(base, batches[0], num_data, args.batch_size)
-    impls = build_impls(base, data, num_data, args.batch_size, args.lr)
+    impls = build_impls(base, data, num_data, args.batch_size, args.lr, fast_paths)
     pyro.set_rng_seed(args.seed)
     rates = measure(impls, batches, args.rounds, args.steps, warmup)
     title = (f"per-datapoint guide step: decoder {Z_DIM}-{HIDDEN}-{X_DIM}, table ({num_data}, {2 * Z_DIM}), "

@@ -38,9 +38,12 @@ CASES = {
     "bench_local_step.py": (
         "local_step",
         {"ratio_vs_hand_sparse", "ratio_vs_hand_sparse_fused", "engine_vs_hand_sparse"},
-        {"hand_sparse", "hand_sparse_fused", "hand_dense", "hand_dense_fused", "engine_trace", "engine_meanfield"},
+        {"hand_sparse", "hand_sparse_fused", "hand_dense", "hand_dense_fused", "engine_trace", "engine_meanfield",
+         "fast_eager"},
     ),
 }
+
+EXTRA_ARGS = {"bench_local_step.py": ["--fast-path", "eager"]}  # no compile in the smoke test
 
 
 @pytest.mark.slow
@@ -48,7 +51,7 @@ CASES = {
 def test_benchmark_quick_run_reports_json(script):
     name, ratio_keys, impls = CASES[script]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--simulated"],
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--simulated", *EXTRA_ARGS.get(script, [])],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -64,12 +64,14 @@ def test_captured_loss_and_gradients_equal_pyros(elbo_cls, guide):
 
 
 @pytest.mark.parametrize("elbo_cls", [pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO])
-def test_joint_gradient_graph_equals_pyros_gradients(elbo_cls):
+@pytest.mark.parametrize("guide", ["amortized", "mean-field"])
+def test_joint_gradient_graph_equals_pyros_gradients(elbo_cls, guide):
     """The compiled runner's graph (grad_and_value of the captured loss, traced; run here without compiling):
-    Pyro's loss and gradients for the same parameters and noise, without torch's autograd engine."""
+    Pyro's loss and gradients for the same parameters and noise, without torch's autograd engine.  The
+    mean-field guide's λ table gets the sparse gradient of its batch rows, as ``embedding``'s backward gives."""
     from ppl_models.infer.fastpath import JointGradient
 
-    inst = small_vae("amortized")
+    inst = small_vae(guide)
     x, idx = torch.rand(10, X_DIM).bernoulli(), torch.randperm(N)[:10]
     elbo = elbo_cls(max_plate_nesting=1)
     ref, ref_grads = pyro_loss_and_grads(elbo, inst, x, idx, seed=7)
@@ -83,6 +85,10 @@ def test_joint_gradient_graph_equals_pyros_gradients(elbo_cls):
         assert {names[id(p)] for p, _ in grads} == {k for k, g in ref_grads.items() if g is not None}
         for p, g in grads:
             expected = ref_grads[names[id(p)]]
+            assert g.is_sparse == expected.is_sparse
+            if g.is_sparse:
+                assert torch.equal(g._indices(), expected._indices())
+                g, expected = g._values(), expected._values()
             torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -269,16 +275,18 @@ def test_auto_mode_does_not_compile_a_short_run():
 
 
 @pytest.mark.slow
-def test_compiled_fast_path_matches_eager(capsys):
+@pytest.mark.parametrize("guide", ["amortized", "mean-field"])
+def test_compiled_fast_path_matches_eager(capsys, guide):
     """mode="compile" (the joint loss-and-gradient graph compiled by inductor, ~20 s cold): the eager captured
-    path's losses to float rounding, and compiled for real (no fallback notice, a compile time recorded)."""
+    path's losses to float rounding, and compiled for real (no fallback notice, a compile time recorded);
+    with the mean-field guide, SparseAdam on the λ rows as in the eager path."""
     from ppl_models.infer.fastpath import CompiledGraph, JointGradient
 
     losses = {}
     for mode in ("eager", "compile"):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        inst = small_vae("amortized")
+        inst = small_vae(guide)
         trainer = Trainer(inst.model, inst.guide, pixel_data(), batch_size=16, max_steps=4, num_epochs=2,
                           progress=False, fast_path=mode)
         idx = torch.arange(16)

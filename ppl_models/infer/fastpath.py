@@ -384,6 +384,29 @@ class CompiledGraph:
         return run(*inputs)
 
 
+def _sparse_lookups(cap: CapturedLoss) -> Optional[List[Tuple[fx.Node, int, int]]]:
+    """The ``embedding(..., sparse=True)`` lookups of ``cap`` as ``(node, parameter position, index input
+    position)``, when the joint graph can take their rows as inputs: each table is a parameter read only by
+    its one lookup, indexed by an input tensor of the batch, without ``padding_idx`` or frequency scaling.
+    ``None`` when some lookup is not of that form."""
+    placeholders = [n for n in cap.graph.graph.nodes if n.op == "placeholder"]
+    position = {node: i for i, node in enumerate(placeholders)}
+    num_params = len(cap.params)
+    found = []
+    for node in cap.graph.graph.nodes:
+        if not (node.op == "call_function" and node.target is aten.embedding.default):
+            continue
+        weight, indices, *rest = node.args
+        padding_idx, scale_grad, sparse = (list(rest) + [-1, False, False])[:3]
+        if not sparse:
+            continue
+        if (position.get(weight, num_params) >= num_params or len(weight.users) != 1
+                or position.get(indices, -1) < num_params or padding_idx != -1 or scale_grad):
+            return None
+        found.append((node, position[weight], position[indices] - num_params))
+    return found
+
+
 class JointGradient:
     """The compiled runner of a captured loss: loss and gradients as one pure graph, like ``jax.jit`` of
     ``value_and_grad``.
@@ -395,12 +418,33 @@ class JointGradient:
     interpret, no guards to check and no per-step autograd bookkeeping (measured with
     ``benchmarks/bench_fast_path.py``).  Parameters the loss does not use get no gradient, as in Pyro.
 
+    Per-datapoint tables (``nn.Embedding(sparse=True)``, the mean-field guide's λ): the batch's rows are
+    gathered before the graph and are its inputs; the graph returns their gradient, and the table's gradient is
+    the sparse tensor ``embedding``'s own backward builds from it — the batch's indices and those rows — so the
+    engine's ``SparseAdam`` still reads and writes only the batch's rows.  :func:`_sparse_lookups` says which
+    lookups qualify; with others the fast path runs eagerly.
+
     :param compile: ``False`` runs the traced joint graph eagerly (for tests).
     """
 
     def __init__(self, cap: CapturedLoss, compile: bool = True):
+        lookups = _sparse_lookups(cap)
+        if lookups is None:
+            raise FastPathUnsupported("a sparse lookup the compiled graph cannot take rows for")
         self.cap, self.compile = cap, compile
-        placeholders = [n for n in cap.graph.graph.nodes if n.op == "placeholder"]
+        graph, copies = fx.Graph(), {}
+        graph.output(graph.graph_copy(cap.graph.graph, copies))
+        self.rows = []  # (parameter position, index input position) of each row input
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        for k, (node, weight_pos, index_pos) in enumerate(lookups):  # each lookup becomes an input
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"rows_{k}")
+            copies[node].replace_all_uses_with(last)
+            graph.erase_node(copies[node])
+            self.rows.append((weight_pos, index_pos))
+        graph.eliminate_dead_code()
+        self.graph = fx.GraphModule(cap.graph, graph)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self.used = [i for i, node in enumerate(placeholders[: len(cap.params)]) if node.users]
         self.fn: Optional[Callable] = None
 
@@ -408,30 +452,40 @@ class JointGradient:
         from torch.func import grad_and_value
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        cap, used = self.cap, self.used
+        cap, used, graph = self.cap, self.used, self.graph
         detached = [p.detach() for p in cap.params]  # views of the live parameters: the optimizer's updates show
-        num_used = len(used)
+        num_used, num_rows = len(used), len(self.rows)
 
-        def loss(*flat):  # (used parameters, batch tensors, noise)
+        def loss(*flat):  # (used parameters, rows, batch tensors, noise)
             params = list(detached)
             for i, p in zip(used, flat[:num_used]):
                 params[i] = p
-            return cap.graph(*params, *flat[num_used:])
+            rows = flat[num_used : num_used + num_rows]
+            return graph(*params, *flat[num_used + num_rows :], *rows)
 
         def joint(*flat):
-            grads, value = grad_and_value(loss, argnums=tuple(range(num_used)))(*flat)
+            grads, value = grad_and_value(loss, argnums=tuple(range(num_used + num_rows)))(*flat)
             return (*grads, value)
 
         used_detached = [detached[i] for i in used]
-        example = [*used_detached, *inputs]
+        lookups = [(detached[w], cap.params[w], i) for w, i in self.rows]
+
+        def gather(inputs):
+            return [torch.nn.functional.embedding(inputs[i], table) for table, _, i in lookups]
+
         with torch.random.fork_rng(devices=[]):
-            graph = make_fx(joint)(*example)
-        run = CompiledGraph(graph) if self.compile else graph
+            traced = make_fx(joint)(*used_detached, *gather(inputs), *inputs)
+        run = CompiledGraph(traced) if self.compile else traced
         used_params = [cap.params[i] for i in used]
 
         def call(inputs):
-            out = run(*used_detached, *inputs)
-            return out[-1], list(zip(used_params, out[:-1]))
+            out = run(*used_detached, *gather(inputs), *inputs)
+            grads = list(zip(used_params, out[:num_used]))
+            for (table, param, i), rows_grad in zip(lookups, out[num_used:-1]):
+                index = inputs[i].reshape(1, -1)
+                values = rows_grad.reshape(index.shape[1], -1)
+                grads.append((param, torch.sparse_coo_tensor(index, values, table.shape, check_invariants=False)))
+            return out[-1], grads
 
         return call
 
@@ -503,12 +557,12 @@ class FastPath:
         return capture_loss(self.elbo, self.model, self.guide, args, self.kwargs)
 
     def _runner(self, key: tuple, cap: CapturedLoss) -> Callable:
-        if self.compile and not cap.sparse and (self._compile_key is None or self._compile_key == key):
+        if self.compile and (self._compile_key is None or self._compile_key == key):
             self._compile_key = key
-            return JointGradient(cap)
-        if self.compile and cap.sparse and self._compile_key is None:
-            self._compile_key = ("sparse",)
-            self.notice("fast path: not compiling (sparse per-datapoint gradients); running the captured graph eagerly")
+            try:
+                return JointGradient(cap)
+            except FastPathUnsupported as exc:
+                self.notice(f"fast path: not compiling ({exc}); running the captured graph eagerly")
         return cap.graph
 
     def prepare(self, args: tuple) -> Tuple[tuple, CapturedLoss]:
