@@ -51,6 +51,7 @@ compiling fuses the elementwise work around the matrix products, which dominate 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -497,6 +498,14 @@ class JointGradient:
         return self.fn(inputs)
 
 
+def _check_same_program(cap: CapturedLoss, again: CapturedLoss) -> None:
+    """The verification step: a capture on another batch must be the same program, else the fast path stops."""
+    if not cap.same_program(again):
+        raise FastPathUnsupported(
+            "the captured program changed between batches (control flow or constants depend on values)"
+        )
+
+
 def _notice(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -575,11 +584,7 @@ class FastPath:
             self.verified[key] = False
             self.runners[key] = self._runner(key, cap)
         elif not self.verified[key] or recheck:
-            again = self._capture(args)
-            if not cap.same_program(again):
-                raise FastPathUnsupported(
-                    "the captured program changed between batches (control flow or constants depend on values)"
-                )
+            _check_same_program(cap, self._capture(args))
             self.verified[key] = True
         params = pyro.get_param_store()._params
         for name, tensor in zip(cap.param_names, cap.params):
@@ -593,16 +598,13 @@ class FastPath:
         key, cap = self.prepare(args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         out = _call(self, key, cap, (*cap.params, *tensors, *cap.noise_graph()))
-        if isinstance(out, tuple):  # a JointGradient: (loss, gradients), no autograd graph
-            loss, grads = out
-            value = loss.item()
-            if value == value and abs(value) != float("inf"):
-                for p, g in grads:
-                    p.grad = g if p.grad is None else p.grad + g
-        else:
-            value = out.item()
-            if value == value and abs(value) != float("inf"):
-                out.backward()
+        loss, grads = out if isinstance(out, tuple) else (out, None)  # a JointGradient: no autograd graph
+        value = loss.item()
+        if math.isfinite(value):
+            if grads is None:
+                loss.backward()
+            for p, g in grads or ():
+                p.grad = g if p.grad is None else p.grad + g
         self.steps += 1
         if self.mode == "auto" and not self.compile:
             self._auto_decide()
@@ -703,9 +705,7 @@ class CapturedTerms:
                 self._first_batch[key] = tensors  # verified on the first other batch
                 self.runners[key] = self._runner(key, cap)
             elif not self.verified[key] and any(a is not b for a, b in zip(tensors, self._first_batch[key])):
-                if not cap.same_program(capture()):
-                    raise FastPathUnsupported("the captured program changed between batches "
-                                              "(control flow or constants depend on values)")
+                _check_same_program(cap, capture())
                 self.verified[key] = True
                 del self._first_batch[key]
             return tuple(_call(self, key, cap, (*cap.params, *tensors, *cap.noise_graph())))
