@@ -3,7 +3,7 @@
 The problem is the package's MNIST VAE, 784-400-20, with the same weights for every implementation, on the
 first ``--num-data`` binarized MNIST test images (fixed binarization; the issue's size is ``--num-data 10000
 --num-samples 5000``), ``--batch-size`` images at a time, ``--chunk-size`` samples per vectorized call (default:
-the package's :func:`~ppl_models.evaluate.default_chunk_size`).
+the package's :func:`~ppl_models.infer.evaluate.default_chunk_size`).
 
 Implementations:
 
@@ -12,7 +12,7 @@ a. ``hand``           hand-written eager PyTorch: the encoder once per batch, th
                       ``log p(z) - log q(z | x)``, and ``logsumexp`` over the K samples;
 b. ``hand_compiled``  the same chunk function under ``torch.compile`` (inductor fuses the elementwise work after
                       the decoder's last product): the most a compiled evaluation could gain;
-c. ``evaluate``       the package's :func:`ppl_models.evaluate.evaluate`: Pyro traces of guide and model per
+c. ``evaluate``       the package's :func:`ppl_models.infer.evaluate.evaluate`: Pyro traces of guide and model per
                       chunk, the ELBO / KL / reconstruction summaries and the PSIS k̂ diagnostic per datapoint
                       (its share of the time is reported separately as ``psis_s``);
 d. ``evaluate_compiled`` the same with ``fast_path="compile"``: each chunk's Pyro computation captured once
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import ppl_models as pm
 from harness import REPO, emit, versions
 from ppl_models.data import load_binarized_mnist
-from ppl_models.evaluate import default_chunk_size, evaluate
+from ppl_models.infer.evaluate import default_chunk_size, evaluate
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ppl_models.alignment import VARIANTS
 from ppl_models.atomic import atomic_write_bytes
-from ppl_models.experiment import Experiment
+from ppl_models.app.experiment import Experiment
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "attention_multi30k.toml"
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ppl_models.compare import load_compare_config, run_comparison
-from ppl_models.config import parse_override
+from ppl_models.app.config import parse_override
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "compare_estimators.toml"
 

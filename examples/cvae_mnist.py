@@ -22,8 +22,8 @@ import torch
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.cvae import complete_images
 from ppl_models.data.quadrants import complete
-from ppl_models.experiment import Experiment
-from ppl_models.plots import plot_image_grid
+from ppl_models.app.experiment import Experiment
+from ppl_models.tasks.plots import plot_image_grid
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG, BASELINE_CONFIG = CONFIGS / "cvae_mnist.toml", CONFIGS / "cvae_mnist_baseline.toml"

@@ -40,9 +40,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ppl_models.atomic import atomic_write_bytes  # noqa: E402
-from ppl_models.config import GuideConfig, load_config, parse_override  # noqa: E402
-from ppl_models.evaluate import evaluate  # noqa: E402
-from ppl_models.experiment import Experiment  # noqa: E402
+from ppl_models.app.config import GuideConfig, load_config, parse_override  # noqa: E402
+from ppl_models.infer.evaluate import evaluate  # noqa: E402
+from ppl_models.app.experiment import Experiment  # noqa: E402
 from ppl_models.infer.strategies import RefiningGuide, guide_for_strategy, inference_guide, inner_loop  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "inference_strategies.toml"

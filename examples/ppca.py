@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 
 from ppl_models.declarative import Latent, Observed, declare_model
-from ppl_models.experiment import Experiment, register_dataset
+from ppl_models.app.experiment import Experiment, register_dataset
 from ppl_models.data import TensorDataset
 
 # ---- the model (17 lines) and its exact marginal likelihood (5 lines) --------------------------------------

@@ -42,9 +42,9 @@ from pyro import poutine
 
 from ppl_models import registry
 from ppl_models.atomic import atomic_write_bytes
-from ppl_models.config import ConfigError, parse_override, read_toml
+from ppl_models.app.config import ConfigError, parse_override, read_toml
 from ppl_models.data.ptb import SentenceDataset, ptb_splits
-from ppl_models.evaluate import evaluate
+from ppl_models.infer.evaluate import evaluate
 from ppl_models.infer.annealing import AnnealedTrainer, KLSchedule
 from ppl_models.infer.engine import Trainer
 from ppl_models.registry import UnknownNameError

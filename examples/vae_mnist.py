@@ -10,7 +10,7 @@ Writes the run directory (config.toml, checkpoints/, history.json, metrics.json,
 import argparse
 from pathlib import Path
 
-from ppl_models.experiment import Experiment
+from ppl_models.app.experiment import Experiment
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "vae_mnist.toml"
 

@@ -21,7 +21,7 @@ import pyro
 import torch
 from torch import nn
 
-from guides.families import check_scale, row_size, site_distribution
+from ppl_models.families import check_scale, row_size, site_distribution
 from ppl_models.registry import register_guide
 from ppl_models.spec import ModelSpec, check_tensor, data_plate
 

@@ -2,7 +2,7 @@ r"""Guides for the Gaussian mixture :mod:`ppl_models.gmm` (model ``"gmm"``).
 
 ``mean-field`` — SVI with :math:`\lambda_i` per datapoint (Hoffman et al. 2013):
 :math:`q(z_i) = \mathrm{Categorical}(\mathrm{softmax}(\lambda_i))`, :math:`\lambda_i \in \mathbb{R}^K`, the generic
-:mod:`guides.mean_field` guide applied to the declared discrete latent ``z`` (rows of a sparse
+:mod:`ppl_models.guides.mean_field` guide applied to the declared discrete latent ``z`` (rows of a sparse
 ``nn.Embedding``, initially zero: :math:`q` starts uniform).  The Categorical has no reparameterized sample, so
 ``Trace_ELBO``/``TraceGraph_ELBO`` train :math:`\lambda` by **score-function** (REINFORCE) gradients,
 :math:`\nabla_\lambda \mathrm{ELBO} = \mathbb{E}_q[(\log p(x, z) - \log q_\lambda(z)) \nabla_\lambda \log q_\lambda(z)]`
@@ -32,7 +32,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from guides import mean_field
+from ppl_models.guides import mean_field
 from ppl_models.gmm import GMMParams, log_joint
 from ppl_models.registry import register_guide
 from ppl_models.spec import ModelSpec, check_tensor, data_plate

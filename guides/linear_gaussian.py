@@ -12,8 +12,8 @@ passed as the same keyword ``params`` as the model's; its ``build`` returns that
 importance weight :math:`p(x_i, z) / q(z \mid x_i)` equals :math:`p(x_i)`: the ELBO, the IWAE bound and
 the log evidence coincide.
 
-``mean-field`` and ``amortized-mlp`` are the generic guides (:mod:`guides.mean_field`,
-:mod:`guides.amortized`), registered for every model.
+``mean-field`` and ``amortized-mlp`` are the generic guides (:mod:`ppl_models.guides.mean_field`,
+:mod:`ppl_models.guides.amortized`), registered for every model.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from guides.families import row_size, site_distribution
+from ppl_models.families import row_size, site_distribution
 from ppl_models.registry import register_guide
 from ppl_models.spec import LatentSite, ModelSpec, check_tensor, data_plate
 

@@ -8,7 +8,7 @@ r"""Guides for the deep generative model :mod:`ppl_models.vae`.
 3. :math:`q_\phi(z \mid x) = \mathcal{N}(z\_loc, \mathrm{diag}(z\_scale^2))`
 
 ``mean-field`` — SVI with a :math:`\lambda_i = (z\_loc_i, z\_scale_i)` per training
-datapoint (Hoffman et al. 2013): the generic :mod:`guides.mean_field` guide applied
+datapoint (Hoffman et al. 2013): the generic :mod:`ppl_models.guides.mean_field` guide applied
 to the VAE's declared latent ``z``; its rows are sparse-updated.
 """
 
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
-from guides import mean_field
-from guides.families import check_scale, z_scale_from_raw
+from ppl_models.guides import mean_field
+from ppl_models.families import check_scale, z_scale_from_raw
 from ppl_models.registry import register_guide
 from ppl_models.spec import ModelSpec, check_tensor, data_plate
 from ppl_models.vae import mlp

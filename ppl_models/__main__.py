@@ -1,5 +1,5 @@
 import sys
 
-from ppl_models.cli import main
+from ppl_models.app.cli import main
 
 sys.exit(main())

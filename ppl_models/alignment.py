@@ -31,7 +31,7 @@ Variants (``variant``; each with the objective and guide it trains with, :data:`
     :math:`z_t` sampled from the prior (the guide *is* the prior), score-function gradient with a learned
     per-token baseline (``TraceGraph_ELBO``; Xu et al. 2015's hard attention).
 ``variational``
-    an inference network :math:`q(z_t \mid x, y)` that reads the whole target (:mod:`guides.alignment`), ELBO
+    an inference network :math:`q(z_t \mid x, y)` that reads the whole target (:mod:`ppl_models.guides.alignment`), ELBO
     with REINFORCE (``TraceGraph_ELBO``) and a learned per-token baseline.
 ``variational-enum``
     the same :math:`q`, the expectation over each :math:`z_t` computed exactly (``TraceEnum_ELBO`` enumerating
@@ -87,7 +87,7 @@ __all__ = [
     "check_batch",
 ]
 
-#: variant -> (the ELBO it trains with, its guide in :mod:`guides.alignment`)
+#: variant -> (the ELBO it trains with, its guide in :mod:`ppl_models.guides.alignment`)
 VARIANTS: Dict[str, Tuple[str, str]] = {
     "soft": ("Trace_ELBO", "none"),
     "exact": ("TraceEnum_ELBO", "none"),
@@ -746,7 +746,7 @@ def plot_alignments(net: AlignmentNet, dataset, path, *, guide_modules: Optional
     """PNG: for each sentence pair in ``rows``, the prior p(z_t | x, y_<t), the posterior p(z_t | x, y) and, with an
     inference network, q(z_t | x, y), side by side (target steps down, source positions across; grey scale from 0 to
     each panel's largest probability)."""
-    from ppl_models.plots import plt, save_figure
+    from ppl_models.tasks.plots import plt, save_figure
 
     rows = [r for r in rows if r < dataset.num_data]
     idx = torch.tensor(rows)
@@ -785,7 +785,7 @@ def resolve_config(config):
     """
     import dataclasses
 
-    from ppl_models.config import ConfigError
+    from ppl_models.app.config import ConfigError
 
     variant = config.model.hparams.get("variant", "exact")
     if variant not in VARIANTS:
@@ -870,7 +870,7 @@ def translate_split(net: AlignmentNet, dataset, path=None, *, beam_size: int = 5
 
 def load_trained(run_dir):
     """``(experiment, splits, instance)`` of a run directory, its newest checkpoint loaded."""
-    from ppl_models.experiment import Experiment, _data_model_kwargs
+    from ppl_models.app.experiment import Experiment, _data_model_kwargs
     from ppl_models.infer.checkpoint import CheckpointError
 
     experiment = Experiment.from_run_dir(run_dir, {"train.progress": False})
@@ -910,7 +910,7 @@ def align_files(run_dir, src_path, tgt_path, out_path=None, *, source: str = "au
 
 
 def _register_hooks() -> None:
-    from ppl_models.experiment import register_model_hooks
+    from ppl_models.app.experiment import register_model_hooks
 
     register_model_hooks("alignment", resolve=resolve_config, evaluate=evaluate_hook)
 

@@ -17,15 +17,15 @@ the missing ones :math:`y` (``num_missing`` grey levels in [0, 1]).  For each da
    grey levels, :math:`\log p = -\mathrm{BCE}`, as in Pyro's example.  With ``condition_generation = false``
    :math:`g` reads :math:`z_i` only (Pyro's decoder).
 
-The recognition network :math:`q_\phi(z_i \mid x_i, y_i)` is in :mod:`guides.cvae`.  The conditional
+The recognition network :math:`q_\phi(z_i \mid x_i, y_i)` is in :mod:`ppl_models.guides.cvae`.  The conditional
 log-likelihood :math:`\log p(y_i \mid x_i) = \log \int p(z \mid x_i)\, p(y_i \mid x_i, z)\, dz` is estimated by
-importance sampling with :math:`q_\phi` as proposal (:func:`ppl_models.evaluate.evaluate`).
+importance sampling with :math:`q_\phi` as proposal (:func:`ppl_models.infer.evaluate.evaluate`).
 
 ``cvae-baseline`` — the deterministic neural network:
 
 1. :math:`y_i \mid x_i \sim \mathrm{Bernoulli}(\sigma(\mathrm{NN}(x_i)))` per missing pixel; no latent
    variable, so its log-likelihood is exact (the masked binary cross-entropy of Pyro's ``MaskedBCELoss``).
-   Its guide is ``"none"`` in :mod:`guides.cvae` (no latent sites).
+   Its guide is ``"none"`` in :mod:`ppl_models.guides.cvae` (no latent sites).
 
 Shapes: ``x_obs`` is ``(batch, side * side)`` with ``-1`` at the missing pixels, ``y`` is ``(batch, num_missing)``.
 

@@ -322,7 +322,7 @@ class DeclaredModel:
     def register(self) -> "DeclaredModel":
         """Register the model under its name, with the generic guides (``mean-field``, ``amortized-mlp``,
         and ``amortized`` as an alias of ``amortized-mlp``)."""
-        from guides import amortized, mean_field  # noqa: F401  (registers the generic guides)
+        from ppl_models.guides import amortized, mean_field  # noqa: F401  (registers the generic guides)
 
         registry.register_model(self.name, model=self.model, build=self.build)
         registry.register_guide("amortized", model=self.name, guide=amortized.guide, build=amortized.build)

@@ -24,7 +24,7 @@ Everything about one datapoint is exactly computable, which the inference strate
 ``params.enumerate`` is true (``build(enumerate=True)``, or set the attribute).  Then ``TraceEnum_ELBO`` with
 the empty ``"enumerate"`` guide sums ``z`` out exactly (the collapsed model :math:`p(x_i)`, the ELBO equals the
 log-likelihood).  Otherwise ``z`` is an ordinary sampled site, drawn by a guide (``"mean-field"``, ``"exact"``;
-see :mod:`guides.gmm`) under ``Trace_ELBO``/``TraceGraph_ELBO``.
+see :mod:`ppl_models.guides.gmm`) under ``Trace_ELBO``/``TraceGraph_ELBO``.
 
 Bayesian variant (``"bayesian-gmm"``, :func:`bayesian_model`), for components :math:`k = 1, \dots, K` and
 dimensions :math:`d = 1, \dots, D`:

@@ -17,7 +17,7 @@ evaluation code:
   :math:`\mu_i = \Sigma W^\top (x_i - b) / \sigma^2`;
 * evidence (:func:`log_evidence`): :math:`p(x_i) = \mathcal{N}(x_i; b, W W^\top + \sigma^2 I)`.
 
-Guides are in :mod:`guides.linear_gaussian` (``"exact"``: :math:`q = ` the true posterior); the generic
+Guides are in :mod:`ppl_models.guides.linear_gaussian` (``"exact"``: :math:`q = ` the true posterior); the generic
 ``"mean-field"`` and ``"amortized-mlp"`` guides apply too.
 
 References:

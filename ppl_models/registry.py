@@ -109,23 +109,23 @@ def register_guide(
 #: Modules whose import registers the package's own models and guides.
 BUILTIN_MODULES = (
     "ppl_models.vae",
-    "guides.mean_field",
-    "guides.amortized",
-    "guides.vae",
+    "ppl_models.guides.mean_field",
+    "ppl_models.guides.amortized",
+    "ppl_models.guides.vae",
     "ppl_models.linear_gaussian",
-    "guides.linear_gaussian",
+    "ppl_models.guides.linear_gaussian",
     "ppl_models.gmm",
-    "guides.gmm",
+    "ppl_models.guides.gmm",
     "ppl_models.cvae",
-    "guides.cvae",
+    "ppl_models.guides.cvae",
     "ppl_models.lstm_lm",
     "ppl_models.bigram",
     "ppl_models.text_vae",
-    "guides.text_vae",
+    "ppl_models.guides.text_vae",
     "ppl_models.vrnn",
-    "guides.vrnn",
+    "ppl_models.guides.vrnn",
     "ppl_models.alignment",
-    "guides.alignment",
+    "ppl_models.guides.alignment",
 )
 
 

@@ -9,7 +9,7 @@ reading its code:
 * its **local latent sites** (one per datapoint, inside the data plate) with
   their per-datapoint event shapes and supports.
 
-Guides (:mod:`guides.mean_field`, :mod:`guides.amortized`), inference
+Guides (:mod:`ppl_models.guides.mean_field`, :mod:`ppl_models.guides.amortized`), inference
 strategies and the evaluator are built from a :class:`ModelSpec` alone.
 """
 

@@ -15,7 +15,7 @@ each input after ``<bos>`` is replaced by ``<unk>`` with probability ``1 - word_
 (:func:`ppl_models.lstm_lm.word_dropout`), which weakens the decoder so that it must use :math:`z`.
 
 **KL annealing**: the latent site ``z`` is sampled inside ``poutine.scale(scale=kl_weight)`` here and in the guide
-(:mod:`guides.text_vae`), so with ``kl_weight`` :math:`=\beta` any Pyro ELBO is
+(:mod:`ppl_models.guides.text_vae`), so with ``kl_weight`` :math:`=\beta` any Pyro ELBO is
 :math:`\mathbb{E}_q \log p(x \mid z) - \beta\,\mathrm{KL}(q \,\|\, p)`; the schedules are in
 :mod:`ppl_models.infer.annealing`.  The defaults ``kl_weight = 1``, ``word_keep = 1`` are the model itself (used
 for evaluation).

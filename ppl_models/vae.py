@@ -7,7 +7,7 @@ Generative story, for each datapoint :math:`i = 1, \dots, N`:
    (the lecture's :math:`h = \mathrm{ReLU}(W_1 z)` is ``hidden_dims=(400,)``)
 3. :math:`x^{(i)} \sim \mathrm{Bernoulli}(\sigma(W_2 h^{(i)} + b_2))`, independently per pixel
 
-Guides are in :mod:`guides.vae`: an amortized MLP encoder (the VAE) and a
+Guides are in :mod:`ppl_models.guides.vae`: an amortized MLP encoder (the VAE) and a
 per-datapoint mean-field guide (SVI with a :math:`\lambda_i` per datapoint).
 
 References:

@@ -12,7 +12,7 @@ Generative story, for each sentence :math:`i = 1, \dots, N` (tokens :math:`x_1, 
    c. recurrence :math:`h_t = \mathrm{GRU}_\theta([\varphi_x(x_t), \varphi_z(z_t)], h_{t-1})`
 
 with feature maps :math:`\varphi_x` (a word embedding) and :math:`\varphi_z` (linear + ReLU).  The guide
-(:mod:`guides.vrnn`) is :math:`q(z_t \mid x_t, h_{t-1})`, sharing :math:`\varphi_x, \varphi_z` and the recurrence
+(:mod:`ppl_models.guides.vrnn`) is :math:`q(z_t \mid x_t, h_{t-1})`, sharing :math:`\varphi_x, \varphi_z` and the recurrence
 with the model, as in Chung et al.  (Chung et al. use an LSTM; a GRU cell is used here.)
 
 In Pyro: the steps run under ``pyro.markov`` with sites ``z_0, z_1, ...`` (0-based), each masked with

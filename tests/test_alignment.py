@@ -27,11 +27,11 @@ from ppl_models.alignment import (
     log_marginal,
     log_normalizer,
 )
-from ppl_models.cli import main as cli_main
-from ppl_models.config import ConfigError
+from ppl_models.app.cli import main as cli_main
+from ppl_models.app.config import ConfigError
 from ppl_models.data.parallel import parallel_splits, synthetic_pairs, synthetic_splits
 from ppl_models.data.text import TextDataError, pad_batch
-from ppl_models.experiment import Experiment
+from ppl_models.app.experiment import Experiment
 from ppl_models.spec import ShapeError
 
 REPO = Path(__file__).resolve().parents[1]

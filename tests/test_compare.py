@@ -16,11 +16,12 @@ import pytest
 import torch
 
 import ppl_models as pm
-from ppl_models import compare, diagnostics, gmm
+from ppl_models import compare, gmm
+from ppl_models.infer import diagnostics
 from ppl_models import linear_gaussian as lg
-from ppl_models.cli import main as cli_main
-from ppl_models.config import ConfigError
-from ppl_models.evaluate import log_weights
+from ppl_models.app.cli import main as cli_main
+from ppl_models.app.config import ConfigError
+from ppl_models.infer.evaluate import log_weights
 from ppl_models.spec import data_plate
 
 REPO = Path(__file__).resolve().parents[1]

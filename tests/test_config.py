@@ -2,9 +2,9 @@
 
 import pytest
 
-from ppl_models.cli import main
-from ppl_models.config import Config, ConfigError, load_config, parse_override, to_toml
-from ppl_models.experiment import Experiment
+from ppl_models.app.cli import main
+from ppl_models.app.config import Config, ConfigError, load_config, parse_override, to_toml
+from ppl_models.app.experiment import Experiment
 from ppl_models.registry import UnknownNameError
 
 EXAMPLE = "examples/configs/vae_mnist.toml"

@@ -14,11 +14,11 @@ import torch
 from torch.nn import functional as F
 
 from ppl_models import registry
-from ppl_models.config import load_config, to_toml
+from ppl_models.app.config import load_config, to_toml
 from ppl_models.cvae import complete_images
 from ppl_models.data import TensorDataset
 from ppl_models.data.quadrants import QuadrantDataset, missing_mask, split_quadrants
-from ppl_models.evaluate import evaluate
+from ppl_models.infer.evaluate import evaluate
 from ppl_models.infer import fit
 from ppl_models.infer.checkpoint import CheckpointError
 from ppl_models.spec import ShapeError

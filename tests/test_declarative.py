@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from ppl_models import registry
-from ppl_models.cli import main as cli_main
-from ppl_models.config import ConfigError, load_config
+from ppl_models.app.cli import main as cli_main
+from ppl_models.app.config import ConfigError, load_config
 from ppl_models.declarative import DeclarationError, Latent, Observed, declare_model
-from ppl_models.evaluate import evaluate
-from ppl_models.experiment import Experiment
+from ppl_models.infer.evaluate import evaluate
+from ppl_models.app.experiment import Experiment
 from ppl_models.infer import fit
 from ppl_models.linear_gaussian import LinearGaussianParams, log_evidence
 from ppl_models.spec import LatentSite, ShapeError

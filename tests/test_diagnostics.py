@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from ppl_models import diagnostics
+from ppl_models.infer import diagnostics
 
 
 def rng(seed=0):
@@ -136,7 +136,7 @@ def test_only_diagnostics_imports_arviz():
         for p in (root / folder).rglob("*.py")
         if re.search(r"^\s*(import arviz|from arviz)", p.read_text(), flags=re.M)
     )
-    assert importers == [os.path.join("ppl_models", "diagnostics.py")]
+    assert importers == [os.path.join("ppl_models", "infer", "diagnostics.py")]
 
 
 def _import_with_fresh_arviz_cache(tmp_path, statement):
@@ -152,7 +152,7 @@ def test_the_refactor_warning_is_filtered_by_its_text_only(tmp_path):
     assert control.returncode != 0 and "major refactor" in control.stderr  # the warning does fire
     ours = _import_with_fresh_arviz_cache(
         tmp_path / "b",
-        "import ppl_models.diagnostics, warnings\n"
+        "import ppl_models.infer.diagnostics, warnings\n"
         "try:\n    warnings.warn('another', FutureWarning)\nexcept FutureWarning:\n    print('others still raise')",
     )
     assert ours.returncode == 0, ours.stderr

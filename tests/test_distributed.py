@@ -278,7 +278,7 @@ def test_shard_bounds_and_bad_device():
 
 
 def test_cli_nproc_is_stripped_for_the_processes_and_cuda_without_gpu_is_one_error(tmp_path, capsys):
-    from ppl_models.cli import _strip_nproc, main
+    from ppl_models.app.cli import _strip_nproc, main
 
     assert _strip_nproc(["fit", "c.toml", "--nproc", "2", "--resume"]) == ["fit", "c.toml", "--resume"]
     assert _strip_nproc(["fit", "--nproc=4", "c.toml"]) == ["fit", "c.toml"]

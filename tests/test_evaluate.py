@@ -12,10 +12,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from guides.linear_gaussian import exact_guide
-from ppl_models import diagnostics, instantiate
+from ppl_models.guides.linear_gaussian import exact_guide
+from ppl_models import instantiate
+from ppl_models.infer import diagnostics
 from ppl_models import linear_gaussian as lg
-from ppl_models.evaluate import (
+from ppl_models.infer.evaluate import (
     EvalResult,
     _binary_bernoulli_log_prob,
     _site_log_prob,

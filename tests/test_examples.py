@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ppl_models.cli import main as cli_main
+from ppl_models.app.cli import main as cli_main
 from ppl_models.infer.checkpoint import list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -233,8 +233,8 @@ def test_bad_fast_path_value_is_one_clear_error():
 
 
 def test_config_key_reaches_the_trainer(tmp_path):
-    from ppl_models.config import Config, to_toml
-    from ppl_models.experiment import Experiment
+    from ppl_models.app.config import Config, to_toml
+    from ppl_models.app.experiment import Experiment
 
     config = Config.from_dict({"train": {"fast_path": "auto", "validate": False}})
     assert config.train.fast_path == "auto"
@@ -245,9 +245,9 @@ def test_config_key_reaches_the_trainer(tmp_path):
 
 
 def test_evaluate_config_key_reaches_the_evaluator(tmp_path, monkeypatch):
-    from ppl_models import evaluate as evaluate_module
-    from ppl_models.config import Config, ConfigError
-    from ppl_models.experiment import Experiment
+    from ppl_models.infer import evaluate as evaluate_module
+    from ppl_models.app.config import Config, ConfigError
+    from ppl_models.app.experiment import Experiment
 
     with pytest.raises(ConfigError, match=r"\[evaluate\] fast_path: expected one of .* received 'fastest'"):
         Config.from_dict({"evaluate": {"fast_path": "fastest"}})
@@ -341,7 +341,7 @@ def test_benchmark_quick_run_without_compile_reports_json(monkeypatch, tmp_path,
 
 # ------------------------------------------------------------------------------------------- evaluation
 def evaluate_small(fast_path, num_samples=12, chunk_size=5, x=None, inst=None):
-    from ppl_models.evaluate import evaluate
+    from ppl_models.infer.evaluate import evaluate
 
     if x is None:
         gen = torch.Generator().manual_seed(1)
@@ -367,7 +367,7 @@ def test_captured_evaluation_equals_pyros(capsys):
 def test_evaluation_structure_that_changes_between_batches_falls_back(capsys):
     """branchy_model's likelihood shift depends on the batch's mean: the second batch's capture differs, the
     evaluator says so once and finishes through Pyro with Pyro's numbers."""
-    from ppl_models.evaluate import evaluate
+    from ppl_models.infer.evaluate import evaluate
     from ppl_models.spec import LatentSite, ModelSpec, ObservedSite
 
     x = torch.cat([torch.full((4,), 2.0), torch.full((4,), -2.0)])

@@ -19,10 +19,10 @@ from pyro import poutine
 from scipy.optimize import linear_sum_assignment
 
 import ppl_models as pm
-from guides.gmm import build_exact
+from ppl_models.guides.gmm import build_exact
 from ppl_models import gmm
 from ppl_models.data import TensorDataset
-from ppl_models.evaluate import evaluate, log_weights
+from ppl_models.infer.evaluate import evaluate, log_weights
 from ppl_models.infer import Trainer
 from ppl_models.infer.em import EMModel, EMResult, fit_em
 from ppl_models.spec import ShapeError

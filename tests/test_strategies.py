@@ -12,9 +12,9 @@ import torch
 import ppl_models as pm
 from ppl_models import linear_gaussian as lg
 from ppl_models.data import TensorDataset
-from ppl_models.evaluate import evaluate, log_weights
+from ppl_models.infer.evaluate import evaluate, log_weights
 from ppl_models.infer import Trainer
-from ppl_models.cli import main as cli_main
+from ppl_models.app.cli import main as cli_main
 from ppl_models.infer.strategies import (
     INNER_LOOPS,
     LOCAL_LR,

@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 
 from ppl_models import registry
-from ppl_models.evaluate import log_weights
+from ppl_models.infer.evaluate import log_weights
 from ppl_models.lstm_lm import EOS_INDEX, PAD_INDEX
 
 V = 7  # 4 specials + 3 words

@@ -20,7 +20,7 @@ where the data plate (size :math:`N`, subsample :math:`S`) supplies the factor :
    * models without per-datapoint parameters: :math:`S_r` = positions ``r, r + W, r + 2W, ...`` of
      the batch — what ``DistributedSampler(shuffle=True)`` + a per-rank ``DataLoader(batch_size=B/W)``
      give for global batch ``b`` (``perm[rank::W]`` cut into chunks of ``B/W``);
-   * with per-datapoint parameters :math:`\lambda_i` (:class:`guides.mean_field.LocalParams`):
+   * with per-datapoint parameters :math:`\lambda_i` (:class:`ppl_models.guides.mean_field.LocalParams`):
      :math:`S_r` = the rows of the batch that rank ``r`` **owns**: rank ``r`` holds the
      :math:`\lambda_i` of the contiguous block ``i in [start_r, stop_r)`` of the data set only
      (``LocalParams.shard``), so the tables are split, not replicated;
@@ -260,7 +260,7 @@ class DistributedTrainer(Trainer):
 
     def __post_init__(self):
         super().__post_init__()
-        from guides.mean_field import LocalParams
+        from ppl_models.guides.mean_field import LocalParams
 
         if self.modules is None:
             raise ValueError("DistributedTrainer: modules (the instance's networks, Instance.modules) are required")
@@ -305,7 +305,7 @@ class DistributedTrainer(Trainer):
 
     @classmethod
     def from_trainer(cls, trainer: Trainer, **kwargs) -> "DistributedTrainer":
-        """The same settings as ``trainer`` (e.g. :meth:`ppl_models.experiment.Experiment.trainer`'s)."""
+        """The same settings as ``trainer`` (e.g. :meth:`ppl_models.app.experiment.Experiment.trainer`'s)."""
         fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(Trainer) if f.init}
         return cls(**{**fields, **kwargs})
 
@@ -675,7 +675,7 @@ def _copy_optimizer_state(state: dict) -> dict:
 # ------------------------------------------------------------------------------- experiments
 def fit_experiment(experiment, *, resume: bool = False, evaluate: bool = True, num_samples: Optional[int] = None,
                    device: Optional[str] = None):
-    """:meth:`ppl_models.experiment.Experiment.fit` on ``W`` processes (run in every process torchrun started)
+    """:meth:`ppl_models.app.experiment.Experiment.fit` on ``W`` processes (run in every process torchrun started)
     or on a GPU.  Rank 0 writes the run directory; after training it alone evaluates the newest checkpoint
     (in one process).  Returns ``(FitResult, metrics or None)``; ``metrics`` is ``None`` on other ranks."""
     device = device if device is not None else getattr(experiment.config.train, "device", "cpu")
@@ -701,7 +701,7 @@ def fit_experiment(experiment, *, resume: bool = False, evaluate: bool = True, n
                   f"global batch {trainer.batch_size} split by {split}", file=sys.stderr)
         result = trainer.fit(resume=resume)
         if rank == 0 and experiment.config.output.plots:
-            from ppl_models.plots import plot_elbo_curves
+            from ppl_models.tasks.plots import plot_elbo_curves
 
             plot_elbo_curves(result.history, experiment.run_dir / "elbo.png",
                              title=f"{instance.model_name} / {instance.guide_name}")

@@ -5,7 +5,7 @@ Parameters are split in two groups:
 * dense parameters (networks, global ``pyro.param`` s) get the named torch optimizer
   (Adam uses the fused CPU/GPU kernel when torch supports it for the parameters);
 * sparse parameters — the per-datapoint :math:`\\lambda_i` tables of
-  :mod:`guides.mean_field`, ``nn.Embedding(sparse=True)`` weights — get the sparse
+  :mod:`ppl_models.guides.mean_field`, ``nn.Embedding(sparse=True)`` weights — get the sparse
   counterpart (``SparseAdam`` for Adam), which reads and writes only the rows of the batch.
 
 Per-step cost matters for small networks (the engine's hot path): :meth:`Optimizer.zero_grad` sets

@@ -4,7 +4,7 @@ From "inference as optimization" to "inference as prediction":
 
 ==================  ==========================================================================================
 ``svi-local``       joint SVI over :math:`\theta` and a stored :math:`\lambda_i` per training datapoint
-                    (Hoffman et al. 2013) — the per-datapoint guide :mod:`guides.mean_field`, sparse rows
+                    (Hoffman et al. 2013) — the per-datapoint guide :mod:`ppl_models.guides.mean_field`, sparse rows
 ``svi-inner``       the lecture's algorithm: for each minibatch initialise :math:`\lambda_0`, take ``K``
                     gradient steps on :math:`\lambda` with :math:`\theta` fixed, then one :math:`\theta` step at
                     :math:`\lambda_K` (nothing per datapoint is stored)
@@ -15,7 +15,7 @@ From "inference as optimization" to "inference as prediction":
                     differentiated through the unrolled refinement to :math:`\theta` and :math:`\phi`
 ==================  ==========================================================================================
 
-:math:`\lambda` rows follow :mod:`guides.families` (``[z_loc, softplus^{-1}(z_scale)]`` per continuous
+:math:`\lambda` rows follow :mod:`ppl_models.families` (``[z_loc, softplus^{-1}(z_scale)]`` per continuous
 site, logits per discrete site); a refinement step is plain gradient ascent on each datapoint's own
 ELBO, :math:`\lambda \leftarrow \lambda + \alpha \nabla_\lambda \mathrm{ELBO}(x_i, \theta, \lambda)` (the
 lecture's; each datapoint's gradient row clipped to norm 5), or an Adam step on :math:`\lambda`, with
@@ -67,7 +67,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from guides.families import row_size, site_distribution
+from ppl_models.families import row_size, site_distribution
 from ppl_models.registry import UnknownNameError
 from ppl_models.spec import ModelSpec, data_plate
 
@@ -317,7 +317,7 @@ class LocalStep:
         self.local_lr = float(local_lr)
 
     def __call__(self, trainer, args, idx) -> float:
-        sparse = trainer._optim.optimizers.get("sparse")  # the per-datapoint tables (guides.mean_field)
+        sparse = trainer._optim.optimizers.get("sparse")  # the per-datapoint tables (ppl_models.guides.mean_field)
         if sparse is not None:
             for group in sparse.param_groups:
                 group["lr"] = self.local_lr

@@ -1,4 +1,4 @@
-"""An experiment from a :class:`~ppl_models.config.Config`: data -> model + guide -> engine -> evaluation.
+"""An experiment from a :class:`~ppl_models.app.config.Config`: data -> model + guide -> engine -> evaluation.
 
 Used by the command line (``ppl-models fit``, ``ppl-models evaluate``) and the
 example scripts.  A run directory holds::
@@ -22,7 +22,7 @@ import pyro
 import torch
 
 from ppl_models import registry
-from ppl_models.config import Config, ConfigError, load_config, to_toml
+from ppl_models.app.config import Config, ConfigError, load_config, to_toml
 from ppl_models.data import mnist_splits
 from ppl_models.data.parallel import multi30k_splits, parallel_splits, synthetic_splits
 from ppl_models.data.quadrants import quadrant_splits
@@ -214,7 +214,7 @@ class Experiment:
         trainer = self.trainer(splits, instance)
         result = trainer.fit(resume=resume)
         if self.config.output.plots:
-            from ppl_models.plots import plot_elbo_curves
+            from ppl_models.tasks.plots import plot_elbo_curves
 
             plot_elbo_curves(result.history, self.run_dir / "elbo.png", title=f"{instance.model_name} / {instance.guide_name}")
         metrics = None
@@ -243,7 +243,7 @@ class Experiment:
         return self._evaluate(splits, instance, num_samples, split, batch_size, load=True)
 
     def _evaluate(self, splits, instance, num_samples=None, split=None, batch_size=None, load=False):
-        from ppl_models.evaluate import evaluate
+        from ppl_models.infer.evaluate import evaluate
 
         cfg = self.config.evaluate
         split = split or cfg.split
@@ -288,7 +288,7 @@ class Experiment:
 
     @torch.no_grad()
     def _plot_samples(self, instance, dataset, guide=None) -> None:
-        from ppl_models.plots import is_image_model, plot_image_grid, prior_means, reconstruction_means
+        from ppl_models.tasks.plots import is_image_model, plot_image_grid, prior_means, reconstruction_means
 
         if not is_image_model(instance.spec, dataset):
             return  # prior samples and reconstructions are drawn for unconditional models of images only

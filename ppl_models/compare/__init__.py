@@ -29,7 +29,7 @@ number of steps, through :class:`~ppl_models.infer.engine.Trainer`; every ``eval
 objective is measured for all of them — the ELBO per datapoint on a fixed set with ``eval_particles`` draws
 (exact by enumeration for discrete guides) — so IWAE's curve is comparable.
 
-**ArviZ** (via :mod:`ppl_models.diagnostics`): one InferenceData per problem and estimator with the seeds as
+**ArviZ** (via :mod:`ppl_models.infer.diagnostics`): one InferenceData per problem and estimator with the seeds as
 chains — ``posterior`` (draws of the global latents from each seed's guide, Bayesian GMM), ``sample_stats``
 (``elbo``: the training curve), ``log_likelihood`` (pointwise, from importance sampling) — written to netCDF;
 ``az.summary`` with R-hat and ESS across seeds; per-datapoint PSIS k̂ of the final q (Yao et al. 2018:
@@ -37,7 +37,7 @@ chains — ``posterior`` (draws of the global latents from each seed's guide, Ba
 
 **How the pointwise log-likelihood of a VI fit is obtained.**  Local latents (VAE, GMM, linear-Gaussian): the
 IWAE estimate :math:`\log \frac1S \sum_s p(x_i, z_s)/q(z_s \mid x_i)` with :math:`S` = ``num_samples`` draws of
-the final guide (:func:`ppl_models.evaluate.log_weights`), its k̂ per datapoint.  Global latents (Bayesian
+the final guide (:func:`ppl_models.infer.evaluate.log_weights`), its k̂ per datapoint.  Global latents (Bayesian
 GMM): importance sampling over the global latents' guide — draws :math:`\theta_s \sim q(\theta)`, weights
 :math:`p(x, \theta_s)/q(\theta_s)` Pareto-smoothed (their k̂ is Yao et al.'s diagnostic of the whole fit),
 then resampled in proportion to the smoothed weights (sampling-importance-resampling) to give approximate
@@ -77,9 +77,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppl_models import diagnostics, registry
+from ppl_models import registry
+from ppl_models.infer import diagnostics
 from ppl_models.atomic import atomic_write_bytes
-from ppl_models.config import ConfigError, parse_sections, read_toml
+from ppl_models.app.config import ConfigError, parse_sections, read_toml
 from ppl_models.data import TensorDataset
 from ppl_models.infer.estimators import ESTIMATOR_NAMES, Estimator, EstimatorError, make_estimator
 from ppl_models.registry import UnknownNameError
@@ -318,7 +319,7 @@ def bayesian_gmm_guide(
     :param x: observations ``(batch, D)`` (unused but for the signature).
     :param q_globals: the :class:`BayesianGMMGuideParams` (registered as ``"q_globals"``).
 
-    (It belongs in :mod:`guides.gmm`; it lives here because that file is not this module's to edit.)
+    (It belongs in :mod:`ppl_models.guides.gmm`; it lives here because that file is not this module's to edit.)
     """
     pyro.module("q_globals", q_globals)
     K = q_globals.num_components
@@ -538,10 +539,10 @@ def build_problem(name: str, config: CompareConfig, seed: int) -> Problem:
 
 
 def _experiment_problem(config: CompareConfig, seed: int) -> Problem:
-    """The model, guide and training data of a ``ppl-models fit`` config (:class:`ppl_models.experiment.Experiment`),
+    """The model, guide and training data of a ``ppl-models fit`` config (:class:`ppl_models.app.experiment.Experiment`),
     its networks initialised from ``seed``; the data (one tensor per datapoint, drawn once with ``[compare].seed``)
     are the same for every estimator and seed."""
-    from ppl_models.experiment import Experiment
+    from ppl_models.app.experiment import Experiment
 
     path = config.experiment.config
     experiment = Experiment.from_file(path, overrides={"train.seed": seed})
@@ -880,7 +881,7 @@ def local_pointwise(problem: Problem, num_samples: int, seed: int):
 
     :return: ``(log_lik, khat)``, each a float64 array of shape ``(n,)``.
     """
-    from ppl_models.evaluate import log_weights
+    from ppl_models.infer.evaluate import log_weights
 
     x, idx = problem.eval_args
     with torch.random.fork_rng(devices=[]), poutine.block():
@@ -1399,7 +1400,7 @@ def _write_outputs(config, run_dir, grad_rows, param_rows, train_rows, curve_row
         _write_csv(run_dir / "loo.csv", loo["rows"], list(loo["rows"][0]))
         parts += ["## Bayesian GMMs: PSIS-LOO across K (NUTS, and VI with the reparameterized estimator)\n",
                   "VI pointwise log-likelihood: importance sampling over the global latents' guide, resampled by "
-                  "the Pareto-smoothed weights (see ppl_models/compare.py).\n",
+                  "the Pareto-smoothed weights (see ppl_models/compare/).\n",
                   _md_table(loo["rows"], list(loo["rows"][0]))]
         for kind, table in loo["compare"].items():
             text = table.to_csv()
@@ -1448,7 +1449,7 @@ def plot_all(run_dir: Path, grad_rows: List[dict], train_results: dict, nuts_ref
 
 
 def _plt():
-    from ppl_models.plots import plt, save_figure  # the Agg backend is selected there
+    from ppl_models.tasks.plots import plt, save_figure  # the Agg backend is selected there
 
     return plt, save_figure
 

@@ -14,7 +14,7 @@ plate.  Per datapoint :func:`evaluate` reports
 * ``recon`` — :math:`\frac1K \sum_k \log p(x \mid z_k)` (the observed sites' terms) and
   ``kl`` — :math:`\frac1K \sum_k [\log q(z_k \mid x) - \log p(z_k)]` (the latent sites' terms), so that
   ``elbo = recon - kl``;
-* ``pareto_khat`` — the PSIS :math:`\hat k` of the :math:`K` weights (:func:`ppl_models.diagnostics.psis_khat`):
+* ``pareto_khat`` — the PSIS :math:`\hat k` of the :math:`K` weights (:func:`ppl_models.infer.diagnostics.psis_khat`):
   above 0.7 the IWAE estimate is not to be trusted (Vehtari et al. 2024).
 
 How the draws are vectorized: the guide and the model (replayed on the guide's draws) run inside an outer
@@ -55,7 +55,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Bernoulli, Independent
 from torch.nn import functional as F
 
-from ppl_models import diagnostics
+from ppl_models.infer import diagnostics
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.data import TensorDataset
 from ppl_models.spec import ModelSpec, check_tensor

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ppl_models.config import ConfigError, parse_override
+from ppl_models.app.config import ConfigError, parse_override
 from ppl_models.data.files import DataFileError
 from ppl_models.infer import NonFiniteLossError, TrainingInterrupted
 from ppl_models.infer.checkpoint import CheckpointError
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--max-len", type=int, default=200, help="longest sentence accepted (tokens)")
 
     cmp = sub.add_parser("compare", help="compare gradient estimators (variance, SNR, training over seeds, ArviZ)")
-    cmp.add_argument("config", help="comparison TOML file (see ppl_models/compare.py)")
+    cmp.add_argument("config", help="comparison TOML file (see ppl_models/compare/)")
     cmp.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config key, e.g. -o training.num_steps=100 (repeatable; read as TOML)")
     cmp.add_argument("--run-dir", help="output directory (default: [compare].run_dir)")
@@ -108,11 +108,11 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def run(args) -> int:
-    from ppl_models.experiment import Experiment
+    from ppl_models.app.experiment import Experiment
 
     if args.command == "list":
         from ppl_models import registry
-        from ppl_models.experiment import DATASETS
+        from ppl_models.app.experiment import DATASETS
         from ppl_models.infer import ELBO_NAMES, OPTIMIZER_NAMES
 
         for name in registry.model_names():

@@ -82,7 +82,7 @@ class GuideConfig:
 
 @dataclass
 class DataConfig:
-    """``name`` picks the loader (:data:`ppl_models.experiment.DATASETS`); the other keys are the
+    """``name`` picks the loader (:data:`ppl_models.app.experiment.DATASETS`); the other keys are the
     loader's keyword arguments, plus ``limit_train`` / ``limit_valid`` / ``limit_test`` (use only the
     first rows of a split, for smoke tests)."""
 
@@ -135,7 +135,7 @@ class EvaluateConfig:
     split: str = "test"
     # svi-local / svi-inner: Adam steps fitting λ of each evaluated batch from the prior (unset: 300)
     refine_steps: Optional[int] = None
-    # false, true/"eager", "compile" or "auto": each chunk's Pyro computation captured once (ppl_models.evaluate);
+    # false, true/"eager", "compile" or "auto": each chunk's Pyro computation captured once (ppl_models.infer.evaluate);
     # not for svi-local / svi-inner, whose test-time guide runs an optimizer inside
     fast_path: object = False
 
