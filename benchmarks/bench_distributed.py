@@ -1,8 +1,9 @@
 """Training throughput with 1 and 2 data-parallel processes (torch.distributed, gloo, DDP) on this machine.
 
 The job is the package's MNIST VAE, 784-400-20 with the amortized guide, ``Trace_ELBO``, Adam 1e-3, the
-same global batch (default 128) in every configuration, trained by the package's own loop
-(``DistributedTrainer.fit``: shuffling, dynamic binarization, the step; no checkpoints, no validation).
+same global batch (default 128) in every configuration, trained by the package's own loop (the engine's
+``Trainer.fit`` with its ``DataParallel`` option: shuffling, dynamic binarization, the step; no checkpoints,
+no validation).
 Configurations, each a fresh job started by torch's launcher (``launch``, i.e. torchrun ``--standalone``):
 
 * ``p1_t1``  1 process, 1 thread;
@@ -53,7 +54,8 @@ def worker(spec: dict) -> None:
     import ppl_models as pm
     from harness import pixel_probs
     from ppl_models.data import DynamicBinarized
-    from ppl_models.infer.distributed import DistributedTrainer, process_group
+    from ppl_models.infer import Trainer
+    from ppl_models.infer.distributed import DataParallel, process_group
 
     torch.set_num_threads(spec["threads"])
     probs, source = pixel_probs(spec["simulated"], spec["num_data"], spec["seed"])
@@ -69,8 +71,8 @@ def worker(spec: dict) -> None:
                 dist.barrier()
                 marks[step] = (time.perf_counter(), time.process_time())
 
-        trainer = DistributedTrainer(
-            inst.model, inst.guide, data, modules=inst.modules, elbo="Trace_ELBO", lr=1e-3,
+        trainer = Trainer(
+            inst.model, inst.guide, data, parallel=DataParallel(inst.modules), elbo="Trace_ELBO", lr=1e-3,
             batch_size=spec["batch_size"], num_epochs=10**6, max_steps=spec["warmup"] + spec["steps"],
             seed=spec["seed"], progress=False, callback=callback,
         )

@@ -68,7 +68,7 @@ from harness import (
     summarize,
 )
 from ppl_models.infer import Trainer
-from ppl_models.infer.fastpath import capture_loss
+from ppl_models.infer.capture import capture_loss
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"fast_vs_hand": 1.5, "fast_vs_numpyro": 1.0, "first_step_s": 30.0, "rss_vs_hand": 1.2}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppl_models.families import row_size, site_distribution
+from ppl_models.families import PerDatapointParams, row_size, site_distribution
 from ppl_models.registry import register_guide
 from ppl_models.spec import LatentSite, ModelSpec, check_tensor, data_plate
 
@@ -35,7 +35,7 @@ def _inv_softplus(y: float) -> float:
     return float(torch.log(torch.expm1(torch.tensor(y))))
 
 
-class LocalParams(nn.Module):
+class LocalParams(nn.Module, PerDatapointParams):
     r"""Tables of per-datapoint variational parameters :math:`\lambda_i`, one per local latent site.
 
     Row ``i`` of table ``z`` holds ``[z_loc_i, softplus^{-1}(z_scale_i)]`` (continuous sites)

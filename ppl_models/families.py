@@ -6,6 +6,9 @@ datapoint (from a per-datapoint table or an encoder head):
 * continuous site: ``[z_loc, raw_scale]`` -> :math:`\\mathcal{N}(z\\_loc, z\\_scale^2)`, pushed through
   ``biject_to(support)`` when the support is not the real line;
 * discrete site with ``K`` categories: the ``K`` logits per element -> Categorical.
+
+A module that holds such rows for every training datapoint itself (a per-datapoint table) is marked
+:class:`PerDatapointParams`, so that inference code can tell it from a network without knowing the guide.
 """
 
 from __future__ import annotations
@@ -17,10 +20,21 @@ from torch.nn import functional as F
 
 from ppl_models.spec import LatentSite
 
-__all__ = ["SCALE_PARAMETERIZATIONS", "check_scale", "z_scale_from_raw", "row_size", "site_distribution"]
+__all__ = ["PerDatapointParams", "SCALE_PARAMETERIZATIONS", "check_scale", "z_scale_from_raw", "row_size", "site_distribution"]
 
 #: ``"logvar"``: the raw output is :math:`\log\sigma^2` (the lecture's choice); ``"softplus"``: :math:`\sigma = \mathrm{softplus}(raw)`.
 SCALE_PARAMETERIZATIONS = ("logvar", "softplus")
+
+
+class PerDatapointParams:
+    """Marker of a module holding one parameter row per training datapoint (a per-datapoint table).
+
+    Its contract: ``num_data`` (rows, one per datapoint) and ``shard(start, stop)``, which keeps only the rows
+    ``start <= i < stop`` (a data-parallel process holds the rows of the datapoints it owns, and these
+    parameters are not all-reduced: :mod:`ppl_models.infer.distributed`).
+    """
+
+    num_data: int
 
 
 def check_scale(scale: str) -> None:

@@ -1,4 +1,4 @@
-r"""The lecture's Gaussian mixture model, and its Bayesian variant.
+r"""The lecture's Gaussian mixture model.
 
 Generative story (``"gmm"``), for each datapoint :math:`i = 1, \dots, N`:
 
@@ -26,20 +26,10 @@ the empty ``"enumerate"`` guide sums ``z`` out exactly (the collapsed model :mat
 log-likelihood).  Otherwise ``z`` is an ordinary sampled site, drawn by a guide (``"mean-field"``, ``"exact"``;
 see :mod:`ppl_models.guides.gmm`) under ``Trace_ELBO``/``TraceGraph_ELBO``.
 
-Bayesian variant (``"bayesian-gmm"``, :func:`bayesian_model`), for components :math:`k = 1, \dots, K` and
-dimensions :math:`d = 1, \dots, D`:
-
-1. :math:`\pi \sim \mathrm{Dirichlet}(\alpha \mathbf{1}_K)`
-2. :math:`\mu_k \sim \mathcal{N}(m_0, s_0^2 I_D)`
-3. :math:`\sigma_{kd} \sim \mathrm{LogNormal}(a_0, b_0)`
-4. for each datapoint, :math:`z_i \sim \mathrm{Categorical}(\pi)` and
-   :math:`x_i \mid z_i \sim \mathcal{N}(\mu_{z_i}, \mathrm{diag}(\sigma_{z_i}^2))`
-
-with ``z`` enumerated by default (``enumerate=True``) so that NUTS, which needs continuous latents only, runs
-on the collapsed model: ``MCMC(NUTS(model, max_plate_nesting=1), ...)``.
+The Bayesian variant, with priors on :math:`\pi, \mu, \sigma`, is its own model: :mod:`ppl_models.bayesian_gmm`.
 
 References:
-    Bishop (2006), Pattern Recognition and Machine Learning, §9.2 (mixtures of Gaussians, EM) and §10.2.
+    Bishop (2006), Pattern Recognition and Machine Learning, §9.2 (mixtures of Gaussians, EM).
     Murphy (2012), Machine Learning: a Probabilistic Perspective, §11.2-11.4.
     Arthur & Vassilvitskii (2007), k-means++: the Advantages of Careful Seeding.
     Pyro tutorial "Gaussian Mixture Model" (``examples/gmm``); Pyro "Inference with Discrete Latent Variables".
@@ -64,16 +54,14 @@ __all__ = [
     "COVARIANCE_KINDS",
     "INIT_METHODS",
     "GMMParams",
-    "BayesianGMMPrior",
+    "check_positive_int",
     "make_spec",
     "model",
-    "bayesian_model",
     "log_joint",
     "log_likelihood",
     "posterior",
     "simulate",
     "build",
-    "build_bayesian",
 ]
 
 #: Valid values of ``covariance``.
@@ -84,7 +72,8 @@ INIT_METHODS = ("kmeans++", "random")
 _LOWER_CHOLESKY = LowerCholeskyTransform()  # unconstrained (D, D) -> constraints.lower_cholesky
 
 
-def _check_positive_int(what: str, name: str, value) -> None:
+def check_positive_int(what: str, name: str, value) -> None:
+    """Raise a ``ValueError`` naming ``what`` and ``name`` unless ``value`` is an ``int`` >= 1 (not a ``bool``)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{what}: {name} must be a positive integer (at least 1), received {value!r}")
 
@@ -136,8 +125,8 @@ class GMMParams(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        _check_positive_int("GMMParams", "num_components", num_components)
-        _check_positive_int("GMMParams", "data_dim", data_dim)
+        check_positive_int("GMMParams", "num_components", num_components)
+        check_positive_int("GMMParams", "data_dim", data_dim)
         _check_covariance_kind("GMMParams", covariance)
         if not (isinstance(reg_covar, (int, float)) and reg_covar >= 0 and math.isfinite(reg_covar)):
             raise ValueError(f"GMMParams: reg_covar must be a finite number >= 0, received {reg_covar!r}")
@@ -526,7 +515,7 @@ def simulate(
     :return: ``x`` of shape ``(num_data, D)`` in the parameters' dtype and the components ``z`` of shape
         ``(num_data,)`` (``torch.long``).
     """
-    _check_positive_int("simulate", "num_data", num_data)
+    check_positive_int("simulate", "num_data", num_data)
     with torch.no_grad():
         z = torch.multinomial(params.weights, num_data, replacement=True, generator=generator)
         eps = torch.randn(num_data, params.data_dim, generator=generator, dtype=params.locs.dtype)
@@ -551,7 +540,7 @@ def build(
     :param seed: seeds the random initial locations (``None``: torch's global generator); start them at the
         data with ``params.init_from_data(x)``.
     """
-    _check_positive_int("model 'gmm'", "num_components", num_components)
+    check_positive_int("model 'gmm'", "num_components", num_components)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     params = GMMParams(
         num_components,
@@ -568,112 +557,3 @@ def build(
 
 
 register_model("gmm", model=model, build=build)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Bayesian variant
-# ---------------------------------------------------------------------------------------------------------
-
-
-class BayesianGMMPrior(nn.Module):
-    r"""Sizes and prior hyperparameters of :func:`bayesian_model` (buffers: nothing to train).
-
-    :param num_components: :math:`K \ge 1`.
-    :param data_dim: :math:`D \ge 1`.
-    :param loc_loc: :math:`m_0`, prior mean of every location coordinate.
-    :param loc_scale: :math:`s_0 > 0`, its prior standard deviation.
-    :param scale_loc: :math:`a_0`, location of :math:`\log\sigma_{kd}`.
-    :param scale_scale: :math:`b_0 > 0`, scale of :math:`\log\sigma_{kd}`.
-    :param concentration: :math:`\alpha > 0` of the symmetric Dirichlet prior on :math:`\pi`.
-    :param enumerate: mark ``z`` for parallel enumeration (needed by NUTS).
-    """
-
-    def __init__(
-        self,
-        num_components: int = 3,
-        data_dim: int = 2,
-        *,
-        loc_loc: float = 0.0,
-        loc_scale: float = 10.0,
-        scale_loc: float = 0.0,
-        scale_scale: float = 1.0,
-        concentration: float = 1.0,
-        enumerate: bool = True,
-    ):
-        super().__init__()
-        _check_positive_int("BayesianGMMPrior", "num_components", num_components)
-        _check_positive_int("BayesianGMMPrior", "data_dim", data_dim)
-        for name, value in (("loc_scale", loc_scale), ("scale_scale", scale_scale), ("concentration", concentration)):
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"BayesianGMMPrior: {name} must be a positive finite number, received {value!r}")
-        self.num_components, self.data_dim, self.enumerate = num_components, data_dim, bool(enumerate)
-        for name, value in (
-            ("loc_loc", loc_loc),
-            ("loc_scale", loc_scale),
-            ("scale_loc", scale_loc),
-            ("scale_scale", scale_scale),
-            ("concentration", concentration),
-        ):
-            self.register_buffer(name, torch.tensor(float(value)))
-
-    def extra_repr(self) -> str:
-        return f"num_components={self.num_components}, data_dim={self.data_dim}, enumerate={self.enumerate}"
-
-
-def bayesian_model(
-    x: torch.Tensor, idx: torch.Tensor | None = None, *, prior: BayesianGMMPrior, num_data: int | None = None
-):
-    r"""The Bayesian mixture above: global :math:`\pi, \mu, \sigma` (sites ``weights``, ``locs``, ``scales``, the
-    last two in ``pyro.plate("components", K)``), local ``z`` (enumerated when ``prior.enumerate``) and ``x``.
-
-    :param x: observations, shape ``(batch, D)``, in the prior buffers' dtype.
-    :param idx: indices of the batch in the full data set, shape ``(batch,)``.
-    :param prior: the :class:`BayesianGMMPrior` (registered as ``"prior"``).
-    :param num_data: size :math:`N` of the full data set.
-    """
-    _check_x_bayes(prior, x)
-    pyro.module("prior", prior)
-    K, D = prior.num_components, prior.data_dim
-    weights = pyro.sample("weights", dist.Dirichlet(prior.concentration.expand(K)))
-    with pyro.plate("components", K, dim=-1):
-        locs = pyro.sample("locs", dist.Normal(prior.loc_loc, prior.loc_scale).expand([D]).to_event(1))
-        scales = pyro.sample("scales", dist.LogNormal(prior.scale_loc, prior.scale_scale).expand([D]).to_event(1))
-    infer = {"enumerate": "parallel"} if prior.enumerate else {}
-    with data_plate(x, idx, num_data):
-        z = pyro.sample("z", dist.Categorical(weights), infer=infer)
-        pyro.sample("x", dist.Normal(locs[z], scales[z]).to_event(1), obs=x)
-
-
-def _check_x_bayes(prior: BayesianGMMPrior, x: torch.Tensor) -> None:
-    check_tensor("x", x, event_shape=(prior.data_dim,))
-    if x.dtype != prior.loc_loc.dtype:
-        raise ShapeError(
-            f"site 'x': expected dtype {prior.loc_loc.dtype} (the dtype of the prior's buffers), received {x.dtype}"
-        )
-
-
-def build_bayesian(
-    num_components: int = 3,
-    data_dim: int = 2,
-    loc_loc: float = 0.0,
-    loc_scale: float = 10.0,
-    scale_loc: float = 0.0,
-    scale_scale: float = 1.0,
-    concentration: float = 1.0,
-    enumerate: bool = True,
-) -> ModelParts:
-    """The declared structure and the prior (``prior``: a :class:`BayesianGMMPrior`)."""
-    prior = BayesianGMMPrior(
-        num_components,
-        data_dim,
-        loc_loc=loc_loc,
-        loc_scale=loc_scale,
-        scale_loc=scale_loc,
-        scale_scale=scale_scale,
-        concentration=concentration,
-        enumerate=enumerate,
-    )
-    return ModelParts(spec=make_spec(num_components, data_dim, name="bayesian-gmm"), modules={"prior": prior})
-
-
-register_model("bayesian-gmm", model=bayesian_model, build=build_bayesian)

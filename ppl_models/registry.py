@@ -116,6 +116,8 @@ BUILTIN_MODULES = (
     "ppl_models.guides.linear_gaussian",
     "ppl_models.gmm",
     "ppl_models.guides.gmm",
+    "ppl_models.bayesian_gmm",
+    "ppl_models.guides.bayesian_gmm",
     "ppl_models.cvae",
     "ppl_models.guides.cvae",
     "ppl_models.lstm_lm",

@@ -17,6 +17,7 @@ import torch
 
 import ppl_models as pm
 from ppl_models import compare, gmm
+from ppl_models.compare import references
 from ppl_models.infer import diagnostics
 from ppl_models import linear_gaussian as lg
 from ppl_models.app.cli import main as cli_main
@@ -199,7 +200,7 @@ def fake_seeds_out(local: bool, seeds=3, n=7, evals=4):
 @pytest.mark.parametrize("local", [True, False])
 def test_inference_data_round_trips_through_netcdf(tmp_path, local):
     seeds_out = fake_seeds_out(local)
-    idata = compare._inference_data("p", "reparameterized", seeds_out)
+    idata = references.inference_data("p", "reparameterized", seeds_out)
     path = diagnostics.save_netcdf(idata, tmp_path / "idata.nc")
     back = diagnostics.load_netcdf(path)
     assert set(back.groups()) == set(idata.groups())

@@ -63,7 +63,7 @@ def make_trainer(case: str, run_dir, *, distributed: bool, callback=None, **over
     """The same trainer for one process (the engine's ``Trainer``) or for each of several processes."""
     import ppl_models as pm
     from ppl_models.infer import Trainer
-    from ppl_models.infer.distributed import DistributedTrainer
+    from ppl_models.infer.distributed import DataParallel
     from pyro.infer import config_enumerate
 
     model_name, guide_name, model_kwargs, elbo, enum_guide, float64, epochs, lr = CASES[case]
@@ -76,8 +76,9 @@ def make_trainer(case: str, run_dir, *, distributed: bool, callback=None, **over
     kwargs = dict(elbo=elbo, batch_size=BATCH, num_epochs=epochs, lr=lr, seed=0, run_dir=run_dir, progress=False,
                   keep_last=20, callback=callback)
     kwargs.update(overrides)
+    device = kwargs.pop("device", "cpu")
     if distributed:
-        return DistributedTrainer(inst.model, guide, data, modules=inst.modules, **kwargs)
+        return Trainer(inst.model, guide, data, parallel=DataParallel(inst.modules, device=device), **kwargs)
     return Trainer(inst.model, guide, data, **kwargs)
 
 
@@ -198,7 +199,7 @@ def test_two_processes_equal_one_process(two_process_runs, tmp_path, case):
 
 
 def test_one_process_distributed_trainer_is_the_engine(tmp_path):
-    """Without a process group the distributed trainer is the engine (same draws, same checkpoint format)."""
+    """Without a process group the engine with the data-parallel option is the engine (same draws, same checkpoint format)."""
     engine = make_trainer("lg-mean-field", tmp_path / "engine", distributed=False, num_epochs=1)
     engine.fit()
     dist_one = make_trainer("lg-mean-field", tmp_path / "dist", distributed=True, num_epochs=1)
@@ -245,21 +246,22 @@ def test_position_shards_are_distributed_sampler_batches(rank):
     from torch.utils.data import BatchSampler, DistributedSampler
 
     trainer = make_trainer("gmm-enumerate", None, distributed=True, num_epochs=1)
-    trainer.world_size, trainer.rank = 2, rank  # as in a 2-process job; nothing collective is called
+    parallel = trainer.parallel
+    parallel.world_size, parallel.rank = 2, rank  # as in a 2-process job; nothing collective is called
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
     sampler = DistributedSampler(perm.tolist(), num_replicas=2, rank=rank, shuffle=False)
     loader_batches = list(BatchSampler([perm[i].item() for i in sampler], BATCH // 2, drop_last=False))
     x = torch.randn(40, 2, dtype=torch.float64)
     for b in range(5):
         idx = perm[b * BATCH:(b + 1) * BATCH]
-        (local_x,), local_idx, share, masked = trainer._shard((x[idx],), idx)
+        (local_x,), local_idx, share, masked = parallel.shard((x[idx],), idx)
         assert local_idx.tolist() == loader_batches[b] and share == 0.5 and not masked
         assert torch.equal(local_x, x[local_idx])
     # a batch with fewer rows than processes: the ranks left without a row join with one masked row
-    trainer.world_size = 3
+    parallel.world_size = 3
     for r in range(3):
-        trainer.rank = r
-        _, local_idx, share, masked = trainer._shard((x[perm[:1]],), perm[:1])
+        parallel.rank = r
+        _, local_idx, share, masked = parallel.shard((x[perm[:1]],), perm[:1])
         assert masked == (r > 0) and local_idx.numel() == 1
 
 

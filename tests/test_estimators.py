@@ -14,6 +14,7 @@ from scipy import stats
 
 import ppl_models as pm
 from ppl_models import compare
+from ppl_models.compare import problems, training
 from ppl_models.infer.estimators import ESTIMATOR_NAMES, EstimatorError, make_estimator
 from ppl_models.registry import UnknownNameError
 
@@ -96,11 +97,11 @@ def vae_guide_variances(num_draws=30):
     config = small_config(gradients={"pretrain_steps": 20, "batch_size": 16}, training={"batch_size": 32})
     problem = compare.build_problem("vae", config, seed=0)
     compare.pretrain(problem, config, 0)
-    state = compare._snapshot(problem)
+    state = training.snapshot(problem)
     variance = {}
     for name in ("reparameterized", "score-function", "score-function-avg-baseline", "score-function-nn-baseline"):
-        compare._restore(problem, state)
-        est = compare._estimator_for(problem, name, config)
+        training.restore(problem, state)
+        est = training.estimator_for(problem, name, config)
         pyro.set_rng_seed(1)
         st = compare.gradient_statistics(problem, est, num_draws=num_draws, warmup=15 if "baseline" in name else 0)
         variance[name] = st.summary("guide")["mean_variance"]
@@ -223,7 +224,7 @@ def test_sticking_the_landing_names_a_site_it_cannot_detach():
 @pytest.mark.parametrize("name", ["score-function-avg-baseline", "score-function-nn-baseline", "analytic-kl", "iwae"])
 def test_estimators_that_cannot_sum_out_an_enumerated_site_say_so(name):
     x = torch.randn(10, 2)
-    problem = compare._bayesian_gmm_problem(small_config(bayesian_gmm={"num_data": 10}), x, 2, seed=0)
+    problem = problems.bayesian_gmm_problem(small_config(bayesian_gmm={"num_data": 10}), x, 2, seed=0)
     with pytest.raises(EstimatorError, match=rf"estimator '{name}': the model enumerates site 'z'"):
         make_estimator(name, problem.instance.model, problem.instance.guide, (x, None), {})
 
@@ -231,7 +232,7 @@ def test_estimators_that_cannot_sum_out_an_enumerated_site_say_so(name):
 @pytest.mark.parametrize("name", ["reparameterized", "score-function", "sticking-the-landing"])
 def test_enumerated_models_run_on_trace_enum_elbo(name):
     x = torch.randn(10, 2)
-    problem = compare._bayesian_gmm_problem(small_config(bayesian_gmm={"num_data": 10}), x, 2, seed=0)
+    problem = problems.bayesian_gmm_problem(small_config(bayesian_gmm={"num_data": 10}), x, 2, seed=0)
     est = make_estimator(name, problem.instance.model, problem.instance.guide, (x, None), {})
     assert type(est.elbo).__name__ == "TraceEnum_ELBO"
     assert math.isfinite(est.loss_and_grads(x, None))

@@ -18,7 +18,8 @@ from torch.distributions import constraints
 import ppl_models as pm
 from ppl_models.data import DynamicBinarized, TensorDataset
 from ppl_models.infer import Trainer
-from ppl_models.infer.fastpath import FastPath, FastPathUnsupported, capture_loss
+from ppl_models.infer.capture import FastPathUnsupported, capture_loss
+from ppl_models.infer.fastpath import FastPath
 
 N, X_DIM = 40, 12
 SMALL = dict(model_kwargs={"z_dim": 3, "hidden_dims": [8], "x_dim": X_DIM})

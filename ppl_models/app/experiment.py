@@ -194,32 +194,44 @@ class Experiment:
     def fit(self, resume: bool = False, evaluate: bool = True, num_samples: Optional[int] = None):
         """Train (or resume), write the ELBO plot, then evaluate on the configured split.
 
-        In a process started by torchrun, or with ``[train] device`` other than ``"cpu"``, the data-parallel
-        trainer runs instead (:func:`ppl_models.infer.distributed.fit_experiment`)."""
-        from ppl_models.infer.distributed import in_torchrun
+        In a process started by torchrun, or with ``[train] device`` other than ``"cpu"``, the engine trains
+        data-parallel (:class:`ppl_models.infer.distributed.DataParallel`; every process of the job runs this):
+        rank 0 alone writes the run directory and, after training, evaluates the newest checkpoint.  Returns
+        ``(FitResult, metrics or None)``; ``metrics`` is ``None`` on other ranks."""
+        from contextlib import nullcontext
 
-        if in_torchrun() or self.config.train.device != "cpu":
-            from ppl_models.infer.distributed import fit_experiment
+        from ppl_models.infer.distributed import DataParallel, in_torchrun, process_group, rank_and_world
 
-            return fit_experiment(self, resume=resume, evaluate=evaluate, num_samples=num_samples)
+        device = self.config.train.device
+        parallel = in_torchrun() or device != "cpu"
         self.resolve_model_hooks()
-        self._write_config(resume)
-        splits = self.load_data()
-        instance = self.build(splits["train"].num_data, _data_model_kwargs(splits))
-        if self.is_per_datapoint(instance) and self.config.train.validate:
-            print(
-                "note: the per-datapoint guide has no parameters for validation data; validation ELBO skipped",
-                file=sys.stderr,
-            )
-        trainer = self.trainer(splits, instance)
-        result = trainer.fit(resume=resume)
-        if self.config.output.plots:
-            from ppl_models.tasks.plots import plot_elbo_curves
+        with process_group(device) if parallel else nullcontext() as dev:
+            main = rank_and_world()[0] == 0
+            if main:
+                self._write_config(resume)
+            splits = self.load_data()
+            instance = self.build(splits["train"].num_data, _data_model_kwargs(splits))
+            if main and self.is_per_datapoint(instance) and self.config.train.validate:
+                print(
+                    "note: the per-datapoint guide has no parameters for validation data; validation ELBO skipped",
+                    file=sys.stderr,
+                )
+            if main and parallel and self.config.train.fast_path:
+                print("note: the fast path is not used with several processes or a GPU; Pyro's ELBO runs",
+                      file=sys.stderr)
+            options = {"parallel": DataParallel(instance.modules, device=dev)} if parallel else {}
+            trainer = self.trainer(splits, instance, **options)
+            if main and parallel and trainer.parallel.world_size > 1:
+                print(trainer.parallel.describe(trainer.batch_size), file=sys.stderr)
+            result = trainer.fit(resume=resume)
+            if main and self.config.output.plots:
+                from ppl_models.tasks.plots import plot_elbo_curves
 
-            plot_elbo_curves(result.history, self.run_dir / "elbo.png", title=f"{instance.model_name} / {instance.guide_name}")
-        metrics = None
-        if evaluate:
-            metrics = self._evaluate(splits, instance, num_samples)
+                plot_elbo_curves(result.history, self.run_dir / "elbo.png", title=f"{instance.model_name} / {instance.guide_name}")
+        if not (evaluate and main):
+            return result, None
+        # after data-parallel training this process's networks hold its rows only: evaluate from the checkpoint
+        metrics = self.evaluate(num_samples=num_samples) if parallel else self._evaluate(splits, instance, num_samples)
         return result, metrics
 
     def _write_config(self, resume: bool) -> None:

@@ -93,5 +93,5 @@ class AnnealedTrainer(Trainer):
     def kl_weight(self) -> float:
         return self.kl_schedule(self.step)
 
-    def _loss_kwargs(self) -> dict:
+    def loss_kwargs(self) -> dict:
         return {"num_data": self.num_data, "kl_weight": self.kl_weight, "word_keep": self.word_keep}

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
+    "newest_readable_checkpoint",
+    "state_to_cpu",
+    "copy_optimizer_state",
     "capture_rng_state",
     "restore_rng_state",
     "atomic_write_bytes",
@@ -106,12 +110,42 @@ def list_checkpoints(directory: Path) -> List[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest readable checkpoint in ``directory`` (unreadable ones are skipped), or ``None``."""
+def newest_readable_checkpoint(directory: Path, *, report: bool = False) -> Tuple[Optional[Path], Optional[dict]]:
+    """The newest readable checkpoint in ``directory`` and its state, or ``(None, None)``; unreadable ones are
+    skipped (and, with ``report``, named on stderr)."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            load_checkpoint(path)
-        except CheckpointError:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            if report:
+                print(f"skipping unreadable checkpoint: {exc}", file=sys.stderr)
             continue
-        return path
-    return None
+        return path, state
+    return None, None
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest readable checkpoint in ``directory`` (unreadable ones are skipped), or ``None``."""
+    return newest_readable_checkpoint(directory)[0]
+
+
+def state_to_cpu(obj):
+    """``obj`` (a state: tensors in dicts, lists and tuples) with every tensor detached and on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: state_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(state_to_cpu(v) for v in obj)
+    return obj
+
+
+def copy_optimizer_state(state: dict) -> dict:
+    """A copy of an optimizer state dict deep enough to replace per-parameter tensors."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict) and "state" in value:
+            out[key] = {**value, "state": {k: dict(v) for k, v in value["state"].items()}}
+        else:
+            out[key] = value
+    return out

@@ -2,7 +2,8 @@ r"""Data-parallel SVI on PyTorch's own distributed engine: ``torch.distributed``
 
 Launch ``W`` processes with ``torchrun --nproc-per-node W -m ppl_models fit CONFIG.toml`` (or
 ``ppl-models fit --nproc W CONFIG.toml``, which runs torchrun's launcher in-process); every process
-runs :class:`DistributedTrainer`.  Backend: ``gloo`` on CPU, ``nccl`` on CUDA.
+runs the engine's :class:`~ppl_models.infer.engine.Trainer` with its :class:`DataParallel` option.  Backend:
+``gloo`` on CPU, ``nccl`` on CUDA.
 
 **One step, exactly the 1-process step.**  The 1-process engine takes the global batch
 :math:`S` (:math:`|S| = B` rows of the epoch's permutation) and minimizes
@@ -20,10 +21,11 @@ where the data plate (size :math:`N`, subsample :math:`S`) supplies the factor :
    * models without per-datapoint parameters: :math:`S_r` = positions ``r, r + W, r + 2W, ...`` of
      the batch — what ``DistributedSampler(shuffle=True)`` + a per-rank ``DataLoader(batch_size=B/W)``
      give for global batch ``b`` (``perm[rank::W]`` cut into chunks of ``B/W``);
-   * with per-datapoint parameters :math:`\lambda_i` (:class:`ppl_models.guides.mean_field.LocalParams`):
+   * with per-datapoint parameters :math:`\lambda_i` (modules marked
+     :class:`ppl_models.families.PerDatapointParams`, e.g. the mean-field guide's tables):
      :math:`S_r` = the rows of the batch that rank ``r`` **owns**: rank ``r`` holds the
      :math:`\lambda_i` of the contiguous block ``i in [start_r, stop_r)`` of the data set only
-     (``LocalParams.shard``), so the tables are split, not replicated;
+     (the tables' ``shard``), so the tables are split, not replicated;
 
 2. rank ``r`` computes :math:`L_r = \frac{N}{B} \sum_{i \in S_r} \ell_i`: the plate gives
    :math:`N / |S_r|`, and ``poutine.scale(|S_r| / B)`` (this rank's share of the global batch)
@@ -54,17 +56,14 @@ ever replaced by atomic renames, so the last one stays intact.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
-import math
 import os
 import signal
 import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -75,26 +74,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ppl_models.infer.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    checkpoint_path,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from ppl_models.infer.engine import NonFiniteLossError, Trainer, _plate_depth
-from ppl_models.infer.optim import make_optimizer
+from ppl_models.families import PerDatapointParams
+from ppl_models.infer.checkpoint import CheckpointError, capture_rng_state, copy_optimizer_state, state_to_cpu
 
 __all__ = [
     "DEVICE_HELP",
+    "DataParallel",
     "DistributedJobError",
-    "DistributedTrainer",
     "ELBOLoss",
-    "fit_experiment",
     "in_torchrun",
     "launch",
     "process_group",
+    "rank_and_world",
     "record_errors",
     "resolve_device",
     "shard_bounds",
@@ -141,7 +132,8 @@ def record_errors(fn: Callable) -> Callable:
     return record(fn, error_handler=_AtomicErrorHandler())
 
 
-def _rank_world() -> Tuple[int, int]:
+def rank_and_world() -> Tuple[int, int]:
+    """This process's rank and the number of processes of its job (``(0, 1)`` outside a process group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -219,10 +211,10 @@ class ELBOLoss(nn.Module):
     all-reduces) and calls ``elbo.differentiable_loss``.  Per-datapoint tables are deliberately not among
     its parameters: each lives on the one rank that owns its rows.
 
-    ``forward(*args, idx=idx, num_data=N, share=s, masked=False)``: ``args`` the model's data arguments for
-    the rows ``idx`` (each ``(batch, ...)``), ``idx`` of shape ``(batch,)``; returns the loss scaled by
-    ``poutine.scale(share)``; ``masked=True`` masks every site (a zero loss and zero gradients that still
-    take part in the all-reduce).
+    ``forward(*args, idx=idx, share=s, masked=False, **kwargs)``: ``args`` the model's data arguments for
+    the rows ``idx`` (each ``(batch, ...)``), ``idx`` of shape ``(batch,)``, ``kwargs`` the model's and guide's
+    keyword arguments (``num_data``); returns the loss scaled by ``poutine.scale(share)``; ``masked=True``
+    masks every site (a zero loss and zero gradients that still take part in the all-reduce).
     """
 
     def __init__(self, elbo, model, guide, networks: nn.ModuleDict):
@@ -230,65 +222,70 @@ class ELBOLoss(nn.Module):
         self.elbo, self.model, self.guide = elbo, model, guide
         self.networks = networks
 
-    def forward(self, *args, idx: torch.Tensor, num_data: int, share: float = 1.0, masked: bool = False):
+    def forward(self, *args, idx: torch.Tensor, share: float = 1.0, masked: bool = False, **kwargs):
         mask = poutine.mask(mask=torch.tensor(False, device=idx.device)) if masked else nullcontext()
         with poutine.scale(scale=share), mask:
-            return self.elbo.differentiable_loss(self.model, self.guide, *args, idx, num_data=num_data)
+            return self.elbo.differentiable_loss(self.model, self.guide, *args, idx, **kwargs)
 
 
 class _Agreed:
-    """What every rank agreed on after the last step (a stand-in for the engine's signal flag)."""
+    """What every rank agreed on after the last step (what the engine's loop reads instead of its signal flag)."""
 
     signum: Optional[int] = None
     deadline: bool = False
 
 
-# ------------------------------------------------------------------------------------- the trainer
-@dataclass
-class DistributedTrainer(Trainer):
-    """:class:`~ppl_models.infer.engine.Trainer` for one of ``W`` data-parallel processes (or one process on a
-    GPU); see the module docstring.  Construct it in every process after :func:`process_group`, with the
-    same arguments (the same seed) everywhere.
+# ------------------------------------------------------------------------------ the engine's option
+class DataParallel:
+    """The engine's data-parallel option: ``Trainer(..., parallel=DataParallel(modules, device))`` trains as one of
+    ``W`` data-parallel processes (or as one process on a GPU); see the module docstring.  Construct the trainer
+    in every process after :func:`process_group`, with the same arguments (the same seed) everywhere.
 
-    :param modules: every network of model and guide (``Instance.modules``); ``LocalParams`` among them
-        are sharded by rank, the others wrapped in DDP.
+    The :class:`~ppl_models.infer.engine.Trainer` consults it where a step or a checkpoint differs from one
+    process: the batch's shard (:meth:`shard`), the loss (:meth:`loss_and_grads`, under DDP), the stop and
+    signal flags all ranks agree on (:meth:`agreement`), the checkpoint's rows gathered to rank 0
+    (:meth:`gather_state`) and each rank's rows of a loaded one (:meth:`rank_state`).
+
+    :param modules: every network of model and guide (``Instance.modules``); per-datapoint tables among them
+        (:class:`ppl_models.families.PerDatapointParams`) are split by rank, the others wrapped in DDP.
     :param device: ``"cpu"``, ``"cuda"`` or ``"cuda:K"`` (:func:`resolve_device`).
     """
 
-    modules: Optional[nn.ModuleDict] = None
-    device: object = "cpu"
+    def __init__(self, modules: nn.ModuleDict, device: object = "cpu"):
+        if modules is None:
+            raise ValueError("DataParallel: modules (the instance's networks, Instance.modules) are required")
+        self.modules = modules
+        self.rank, self.world_size = rank_and_world()
+        self.dev = resolve_device(device)
+        self.agreed = _Agreed()
+        self._local_caught = None
+        self._ddp: Optional[nn.Module] = None
 
-    def __post_init__(self):
-        super().__post_init__()
-        from ppl_models.guides.mean_field import LocalParams
-
-        if self.modules is None:
-            raise ValueError("DistributedTrainer: modules (the instance's networks, Instance.modules) are required")
-        if self.step_fn is not None:
+    def attach(self, trainer) -> None:
+        """Check ``trainer``'s settings, split the per-datapoint tables by rank and move the networks to the
+        device (called by the trainer it is given to)."""
+        if trainer.step_fn is not None:
             raise ValueError(
                 "a strategy with its own step rule (svi-inner, semi-amortized) cannot run in several processes "
                 "or on a GPU yet; use the strategies svi-local or amortized, or one CPU process"
             )
-        if not self._differentiable:
+        if not hasattr(type(trainer.objective), "differentiable_loss"):
             raise ValueError(
-                f"ELBO {self.elbo!r} has no differentiable_loss, which DistributedDataParallel needs; "
+                f"ELBO {trainer.elbo!r} has no differentiable_loss, which DistributedDataParallel needs; "
                 "use Trace_ELBO, TraceMeanField_ELBO or TraceEnum_ELBO"
             )
-        self.rank, self.world_size = _rank_world()
-        self.dev = resolve_device(self.device)
-        if self.rank != 0:
-            self.progress = False
+        self.num_data, self.seed = trainer.num_data, trainer.seed
         self.bounds = shard_bounds(self.num_data, self.world_size)
         self._local_modules: List[nn.Module] = []
         networks = nn.ModuleDict()
         for name, module in self.modules.items():
-            if isinstance(module, LocalParams):
+            if isinstance(module, PerDatapointParams):
                 self._local_modules.append(module)
-            elif any(isinstance(m, LocalParams) for m in module.modules()):
+            elif any(isinstance(m, PerDatapointParams) for m in module.modules()):
                 raise ValueError(f"network {name!r} holds per-datapoint parameters inside; register them apart")
             else:
                 networks[name] = module
-        if self._local_modules and self.world_size > 1:
+        if self.owns_rows:
             start, stop = self.bounds[self.rank]
             for module in self._local_modules:
                 if module.num_data != self.num_data:
@@ -297,25 +294,33 @@ class DistributedTrainer(Trainer):
                     )
                 module.shard(start, stop)
         self.modules.to(self.dev)
-        self._loss_module = ELBOLoss(self._elbo, self.model, self.guide, networks)
-        self._ddp: Optional[nn.Module] = None
-        self._agreed = _Agreed()
-        self._local_caught = None
-        self._local_ids: set = set()
-
-    @classmethod
-    def from_trainer(cls, trainer: Trainer, **kwargs) -> "DistributedTrainer":
-        """The same settings as ``trainer`` (e.g. :meth:`ppl_models.app.experiment.Experiment.trainer`'s)."""
-        fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(Trainer) if f.init}
-        return cls(**{**fields, **kwargs})
+        self._loss_module = ELBOLoss(trainer.objective, trainer.model, trainer.guide, networks)
 
     @property
     def owns_rows(self) -> bool:
         """Whether batches are split by row ownership (per-datapoint tables) rather than by position."""
         return bool(self._local_modules) and self.world_size > 1
 
+    @property
+    def rng_devices(self) -> list:
+        """The CUDA devices whose generators ``torch.random.fork_rng`` must save (none on the CPU)."""
+        return [self.dev.index] if self.dev.type == "cuda" else []
+
+    def to_device(self, args) -> tuple:
+        return tuple(a.to(self.dev) for a in args)
+
+    def describe(self, batch_size: int) -> str:
+        split = "rows each process owns" if self.owns_rows else "positions r, r+W, ... of each batch"
+        return (f"data parallel: {self.world_size} processes ({dist.get_backend()}, {self.dev.type}); "
+                f"global batch {batch_size} split by {split}")
+
     # ------------------------------------------------------------------------------ batches
-    def _shard(self, args, idx: torch.Tensor):
+    def setup_rows(self, batch_size: int) -> torch.Tensor:
+        """The rows of the set-up step (this rank's own rows when it owns rows)."""
+        start, stop = self.bounds[self.rank] if self.owns_rows else (0, self.num_data)
+        return torch.arange(start, min(stop, start + batch_size))
+
+    def shard(self, args, idx: torch.Tensor):
         """This rank's rows of the global batch: ``(args, idx, share, masked)`` on this rank's device."""
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != idx.shape[0]:
@@ -342,35 +347,14 @@ class DistributedTrainer(Trainer):
         return tuple(a.to(self.dev, non_blocking=nb) for a in args), idx.to(self.dev, non_blocking=nb), share, masked
 
     # ------------------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
-        """As the engine's set-up (register parameters, find the sparse ones, build the optimizer; no generator
-        touched), on this rank's own rows; then wrap the networks in DDP."""
-        if self._optim is not None:
-            return
-        if self.owns_rows:
-            start, stop = self.bounds[self.rank]
-            idx = torch.arange(start, min(stop, start + self.batch_size))
-        else:
-            idx = torch.arange(min(self.batch_size, self.num_data))
-        args = tuple(a.to(self.dev) for a in self.train.batch(idx, torch.Generator().manual_seed(self.seed)))
-        idx = idx.to(self.dev)
-        devices = [self.dev.index] if self.dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            depth = _plate_depth(self.model, self.guide, args, idx, self._loss_kwargs())
-            for elbo in (self._elbo, self._valid_elbo):
-                if elbo.max_plate_nesting == float("inf"):
-                    elbo.max_plate_nesting = depth + int(elbo.vectorize_particles and elbo.num_particles > 1)
-            loss = self._loss_module(*args, idx=idx, num_data=self.num_data)
-            value = loss.item()
-            if math.isfinite(value):
-                loss.backward()
-        if not math.isfinite(value):
-            self._raise_non_finite(value, args, idx, during="set-up")
-        store = pyro.get_param_store()
-        names = sorted(store.keys())
-        if not names:
-            raise ValueError("model and guide have no parameters to train (no pyro.param or pyro.module)")
-        named = [(n, store._params[n]) for n in names]
+    def loss(self, args, idx: torch.Tensor, kwargs: dict, share: float = 1.0, masked: bool = False) -> torch.Tensor:
+        """The differentiable loss of this rank's rows (through DDP once :meth:`setup_done` wrapped the networks)."""
+        module = self._ddp if self._ddp is not None else self._loss_module
+        return module(*args, idx=idx, share=share, masked=masked, **kwargs)
+
+    def setup_done(self, named: List[Tuple[str, torch.Tensor]]) -> None:
+        """After the engine's set-up registered the parameters ``named``: check that each belongs to a network,
+        wrap the networks in DDP, and give ranks other than 0 their own Monte Carlo noise."""
         covered = {id(p) for p in self.modules.parameters()}
         stray = [n for n, p in named if id(p) not in covered]
         if stray and (self.world_size > 1 or self.dev.type != "cpu"):
@@ -378,12 +362,6 @@ class DistributedTrainer(Trainer):
                 f"parameters {stray} are not in any network of the model or guide (a bare pyro.param); with several "
                 "processes or a GPU every trained parameter must belong to an nn.Module registered with pyro.module"
             )
-        sparse_ids = {id(p) for _, p in named if p.grad is not None and p.grad.is_sparse}
-        self._local_ids = {id(p) for m in self._local_modules for p in m.parameters()}
-        for _, p in named:
-            p.grad = None
-        self._names = names
-        self._optim = make_optimizer(self.optimizer, named, lr=self.lr, sparse_ids=sparse_ids, **self.optimizer_kwargs)
         if dist.is_initialized() and any(p.requires_grad for p in self._loss_module.parameters()):
             self._ddp = DistributedDataParallel(
                 self._loss_module,
@@ -397,48 +375,34 @@ class DistributedTrainer(Trainer):
             pyro.set_rng_seed((self.seed + 1_000_003 * self.rank) % 2**32)
 
     # ------------------------------------------------------------------------------ one step
-    def train_step(self, args, idx) -> float:
-        """One step on the global batch ``(*args, idx)`` (every rank passes the same batch); returns the
-        global-batch loss, the same number the 1-process engine reports."""
-        if self._optim is None:
-            self._setup()
-        local_args, local_idx, share, masked = self._shard(args, idx)
-        with pyro.validation_enabled(self.validate == "always" or self.step == 0):
-            self._optim.zero_grad()
-            module = self._ddp if self._ddp is not None else self._loss_module
-            loss = module(*local_args, idx=local_idx, num_data=self.num_data, share=share, masked=masked)
-            agreeing = self._start_agree(loss.detach())  # overlaps the backward pass and its all-reduce
-            loss.backward()
-            value = self._finish_agree(*agreeing)
-            if not math.isfinite(value):  # every rank sees the same sum: all stop here, before any update
-                self._raise_non_finite(value, local_args, local_idx)
-            if masked:
-                self._empty_local_grads()
-            self._optim.step()
-        self.step += 1
-        return value
-
-    def _start_agree(self, loss: torch.Tensor):
-        """Start the all-reduce of this step's loss part with the signal and deadline flags (async)."""
+    def loss_and_grads(self, args, idx: torch.Tensor, kwargs: dict, deadline_passed: bool):
+        """One step's loss and gradients on the global batch ``(*args, idx)`` (every rank passes the same batch):
+        this rank's shard, its loss, the gradients summed over ranks.  Returns ``(local_args, local_idx, value)``,
+        ``value`` the global-batch loss (the number the 1-process engine reports), agreed by every rank in one
+        small all-reduce with the signal and deadline flags (:meth:`agreement`)."""
+        local_args, local_idx, share, masked = self.shard(args, idx)
+        loss = self.loss(local_args, local_idx, kwargs, share=share, masked=masked)
         local = self._local_caught.signum if self._local_caught is not None else None
-        deadline = self._deadline is not None and time.perf_counter() >= self._deadline
-        stats = torch.tensor(
-            [0.0, float(local == signal.SIGINT), float(local == signal.SIGTERM), float(deadline)],
-            dtype=torch.float64,
-            device=loss.device,
-        )
-        stats[0] = loss.reshape(())
-        work = dist.all_reduce(stats, async_op=True) if dist.is_initialized() else None
-        return work, stats
-
-    def _finish_agree(self, work, stats: torch.Tensor) -> float:
-        """What all ranks agreed on: sets the signal and deadline flags; returns the global-batch loss."""
+        stats = torch.tensor([0.0, float(local == signal.SIGINT), float(local == signal.SIGTERM), float(deadline_passed)],
+                             dtype=torch.float64, device=loss.device)
+        stats[0] = loss.detach().reshape(())
+        work = dist.all_reduce(stats, async_op=True) if dist.is_initialized() else None  # overlaps the backward pass
+        loss.backward()
         if work is not None:
             work.wait()
         value, sigint, sigterm, deadline_any = stats.tolist()
-        self._agreed.signum = signal.SIGINT if sigint else signal.SIGTERM if sigterm else None
-        self._agreed.deadline = bool(deadline_any)
-        return value
+        self.agreed.signum = signal.SIGINT if sigint else signal.SIGTERM if sigterm else None
+        self.agreed.deadline = bool(deadline_any)
+        if masked:
+            self._empty_local_grads()
+        return local_args, local_idx, value
+
+    def agreement(self, caught) -> _Agreed:
+        """The flags the engine's loop reads instead of this rank's own signal flag ``caught``: what every rank
+        agreed on at the last step (reset here, at the start of a fit)."""
+        self._local_caught = caught
+        self.agreed = _Agreed()
+        return self.agreed
 
     def _empty_local_grads(self) -> None:
         """After a masked step: an empty sparse gradient for each per-datapoint table, so that its optimizer
@@ -455,35 +419,13 @@ class DistributedTrainer(Trainer):
                 elif p.grad is not None:
                     p.grad = None
 
-    def _done(self) -> bool:
-        if self.max_steps is not None and self.step >= self.max_steps:
-            return True
-        return self._agreed.deadline
-
-    def _run_epoch(self, caught) -> None:
-        # The engine's loop reads the flag this step's all-reduce agreed on, never a rank's own signal.
-        self._local_caught = caught
-        super()._run_epoch(self._agreed)
-
-    def fit(self, resume: bool = False):
-        self._agreed = _Agreed()
-        return super().fit(resume=resume)
-
-    # ------------------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def validation_elbo(self) -> float:
-        """ELBO per datapoint on ``valid``, as the engine computes it (every rank the same, on its device)."""
-        n = int(self.valid.num_data)
-        total = 0.0
-        devices = [self.dev.index] if self.dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed * 1_000_003 + self.epoch)
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            for start in range(0, n, self.valid_batch_size):
-                idx = torch.arange(start, min(n, start + self.valid_batch_size))
-                args = tuple(a.to(self.dev) for a in self.valid.batch(idx, gen))
-                total += float(self._valid_elbo.loss(self.model, self.guide, *args, None))
-        return -total / n
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (collective)."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.dev)
+        dist.all_reduce(tensor)
+        return tensor.item() > 0
 
     # ------------------------------------------------------------------------------ checkpoints
     def _gather_rows(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -499,51 +441,42 @@ class DistributedTrainer(Trainer):
             return None
         return torch.cat([part[:n] for part, n in zip(parts, sizes)]).cpu()
 
-    def _gather_object(self, obj) -> Optional[list]:
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-
-    def _local_state_entries(self):
-        """``(name, param, sparse_optimizer_index)`` of each per-datapoint table."""
+    def _map_rows(self, state: dict, names: List[str], optim, fn: Callable) -> dict:
+        """``state`` with each per-datapoint table among the parameters ``names`` replaced by ``fn(name, rows)``,
+        and so each tensor of the table's shape in its sparse optimizer state (same order on every rank)."""
         store = pyro.get_param_store()
-        sparse_names = [n for n in self._names if id(store._params[n]) in self._optim_sparse_ids()]
-        for name in self._names:
+        opt = optim.optimizers.get("sparse")
+        sparse = [id(p) for g in opt.param_groups for p in g["params"]] if opt is not None else []
+        local_ids = {id(p) for m in self._local_modules for p in m.parameters()}
+        state = {**state, "params": dict(state["params"]), "optimizer": copy_optimizer_state(state["optimizer"])}
+        for name in names:
             p = store._params[name]
-            if id(p) in self._local_ids:
-                yield name, p, (sparse_names.index(name) if name in sparse_names else None)
+            if id(p) not in local_ids or name not in state["params"]:
+                continue  # not a table; or missing from a checkpoint: the engine names the mismatch
+            shape = state["params"][name].shape
+            state["params"][name] = fn(name, state["params"][name])
+            optimizer = state["optimizer"].get("sparse", {"state": {}})
+            per_param = optimizer["state"].get(sparse.index(id(p)), {}) if id(p) in sparse else {}
+            for key in sorted(per_param):
+                if isinstance(per_param[key], torch.Tensor) and per_param[key].shape == shape:
+                    per_param[key] = fn(name, per_param[key])
+        return state
 
-    def _optim_sparse_ids(self) -> set:
-        opt = self._optim.optimizers.get("sparse")
-        return {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else set()
-
-    def state_dict(self) -> dict:
-        """Collective: every rank calls it; rank 0 receives the full (1-process format) state, the others a
-        partial one they must not write."""
-        state = super().state_dict()
+    def gather_state(self, state: dict, names: List[str], optim) -> dict:
+        """Collective: the engine's ``state`` of this rank completed for a checkpoint.  Rank 0 receives the full
+        (1-process format) state, every rank's generator states added; the others a partial one they must not
+        write."""
         rng = {"rng": capture_rng_state()}
         if self.dev.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.dev)
-        if self.world_size > 1 and self._local_modules:
-            state["optimizer"] = _copy_optimizer_state(state["optimizer"])  # its per-parameter dicts are live
-            for name, p, j in self._local_state_entries():
-                full = self._gather_rows(p)
-                if self.rank == 0:
-                    state["params"][name] = full
-                if j is None:
-                    continue
-                per_param = state["optimizer"]["sparse"]["state"].get(j, {})
-                for key in sorted(per_param):
-                    value = per_param[key]
-                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                        full = self._gather_rows(value)
-                        if self.rank == 0:
-                            per_param[key] = full
-        gathered = self._gather_object(rng)
+        if self.owns_rows:
+            state = self._map_rows(state, names, optim, lambda name, rows: self._gather_rows(rows))
+        gathered = [rng]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(rng, gathered, dst=0)
         if self.rank == 0:
-            state = _to_cpu(state)  # a checkpoint written on a GPU loads anywhere
+            state = state_to_cpu(state)  # a checkpoint written on a GPU loads anywhere
             state["distributed"] = {
                 "world_size": self.world_size,
                 "bounds": [list(b) for b in self.bounds],
@@ -552,163 +485,50 @@ class DistributedTrainer(Trainer):
             }
         return state
 
-    def save(self) -> Optional[Path]:
-        """Collective; rank 0 writes the checkpoint atomically (and ``history.json``)."""
-        if self.checkpoint_dir is None:
-            return None
-        store = pyro.get_param_store()
-        bad = [n for n in self._names if not bool(torch.isfinite(store._params[n]).all())]
-        if self.world_size > 1:
-            flag = torch.tensor([float(bool(bad))], device=self.dev)
-            dist.all_reduce(flag)
-            any_bad = flag.item() > 0
-        else:
-            any_bad = bool(bad)
-        if any_bad:
-            raise NonFiniteLossError(
-                f"not saving a checkpoint at step {self.step}: non-finite parameters "
-                f"{', '.join(bad) if bad else 'on another rank'}",
-                step=self.step,
-                site=None,
-                checkpoint=self._latest_checkpoint_path(),
-            )
-        state = self.state_dict()
-        if self.rank != 0:
-            return checkpoint_path(self.checkpoint_dir, self.step)
-        path = save_checkpoint(self.checkpoint_dir, state, keep_last=self.keep_last)
-        self._write_history()
-        return path
-
-    def load_state_dict(self, state: dict) -> None:
-        """Every rank loads the same full checkpoint and keeps its rows and its own random-generator states."""
-        self._setup()
-        state = dict(state)
+    def rank_state(self, state: dict, names: List[str], optim) -> dict:
+        """This rank's part of a full checkpoint (every rank loads the same file): its rows of the per-datapoint
+        tables and of their optimizer state, and its own generator states when the world size is the same."""
         saved = state.get("distributed")
-        params = dict(state["params"])
-        if self.world_size > 1 and self._local_modules:
+        if self.owns_rows:
             start, stop = self.bounds[self.rank]
-            optimizer = _copy_optimizer_state(state["optimizer"])
-            for name, p, j in self._local_state_entries():
-                if name not in params:
-                    continue  # the engine names the mismatch
-                full = params[name]
+
+            def own_rows(name, full):
                 if full.shape[0] != self.num_data:
                     raise CheckpointError(
                         f"cannot resume: parameter {name!r} has {full.shape[0]} rows in the checkpoint, "
                         f"expected one per datapoint ({self.num_data})"
                     )
-                params[name] = full[start:stop]
-                if j is not None and "sparse" in optimizer:
-                    per_param = optimizer["sparse"]["state"].get(j, {})
-                    for key, value in list(per_param.items()):
-                        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(full.shape):
-                            per_param[key] = value[start:stop]
-            state["optimizer"] = optimizer
-        state["params"] = params
-        same_world = saved is not None and saved.get("world_size") == self.world_size
-        if same_world:
-            state["rng"] = saved["rng"][self.rank]
-        elif self.world_size > 1 and self.rank == 0:
+                return full[start:stop]
+
+            state = self._map_rows(state, names, optim, own_rows)
+        if saved is not None and saved.get("world_size") == self.world_size:
+            state = {**state, "rng": saved["rng"][self.rank]}
+            if self.dev.type == "cuda" and "cuda_rng" in saved:
+                torch.cuda.set_rng_state(saved["cuda_rng"][self.rank], self.dev)
+        elif self.rank > 0:  # its own fresh Monte Carlo noise, as at the start, moved on by the step
+            pyro.set_rng_seed((self.seed + 1_000_003 * self.rank + 7919 * state["step"]) % 2**32)
+            state = {**state, "rng": capture_rng_state()}
+        elif self.world_size > 1:
             found = saved.get("world_size") if saved else 1
             print(
                 f"note: resuming a {found}-process checkpoint with {self.world_size} processes: parameters, optimizer "
                 "state and data order continue; the Monte Carlo noise of ranks other than 0 is drawn afresh",
                 file=sys.stderr,
             )
-        super().load_state_dict(state)
-        if not same_world and self.rank > 0:
-            pyro.set_rng_seed((self.seed + 1_000_003 * self.rank + 7919 * self.step) % 2**32)
-        if same_world and self.dev.type == "cuda" and "cuda_rng" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng"][self.rank], self.dev)
+        return state
 
-    def resume(self) -> Optional[Path]:
-        """Rank 0 picks the newest readable checkpoint; every rank loads that one."""
-        if self.checkpoint_dir is None:
-            raise ValueError("resume needs a run_dir")
-        chosen = None
-        if self.rank == 0:
-            for path in reversed(list_checkpoints(self.checkpoint_dir)):
-                try:
-                    load_checkpoint(path)
-                except CheckpointError as exc:
-                    print(f"skipping unreadable checkpoint: {exc}", file=sys.stderr)
-                    continue
-                chosen = str(path)
-                break
+    def agree_on_checkpoint(self, chosen: Optional[Path]) -> Optional[Path]:
+        """Rank 0's choice of checkpoint to resume from, on every rank, which must see the file."""
         if self.world_size > 1:
-            box = [chosen]
+            box = [None if chosen is None else str(chosen)]
             dist.broadcast_object_list(box, src=0)
-            chosen = box[0]
-        if chosen is None:
-            return None
-        path = Path(chosen)
-        if not path.is_file():
+            chosen = None if box[0] is None else Path(box[0])
+        if chosen is not None and not chosen.is_file():
             raise CheckpointError(
-                f"rank {self.rank} cannot see checkpoint {path} chosen by rank 0: the run directory must be on a "
+                f"rank {self.rank} cannot see checkpoint {chosen} chosen by rank 0: the run directory must be on a "
                 "file system every node shares"
             )
-        self.load_state_dict(load_checkpoint(path))
-        return path
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _copy_optimizer_state(state: dict) -> dict:
-    """A copy of an optimizer state dict deep enough to replace per-parameter tensors."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, dict) and "state" in value:
-            out[key] = {**value, "state": {k: dict(v) for k, v in value["state"].items()}}
-        else:
-            out[key] = value
-    return out
-
-
-# ------------------------------------------------------------------------------- experiments
-def fit_experiment(experiment, *, resume: bool = False, evaluate: bool = True, num_samples: Optional[int] = None,
-                   device: Optional[str] = None):
-    """:meth:`ppl_models.app.experiment.Experiment.fit` on ``W`` processes (run in every process torchrun started)
-    or on a GPU.  Rank 0 writes the run directory; after training it alone evaluates the newest checkpoint
-    (in one process).  Returns ``(FitResult, metrics or None)``; ``metrics`` is ``None`` on other ranks."""
-    device = device if device is not None else getattr(experiment.config.train, "device", "cpu")
-    with process_group(device) as dev:
-        rank, world = _rank_world()
-        if rank == 0:
-            experiment._write_config(resume)
-        splits = experiment.load_data()
-        instance = experiment.build(splits["train"].num_data)
-        per_datapoint = experiment.is_per_datapoint(instance)
-        if rank == 0 and per_datapoint and experiment.config.train.validate:
-            print(
-                "note: the per-datapoint guide has no parameters for validation data; validation ELBO skipped",
-                file=sys.stderr,
-            )
-        base = experiment.trainer(splits, instance)
-        if rank == 0 and getattr(base, "fast_path", False):
-            print("note: the fast path is not used with several processes or a GPU; Pyro's ELBO runs", file=sys.stderr)
-        trainer = DistributedTrainer.from_trainer(base, modules=instance.modules, device=dev)
-        if rank == 0 and world > 1:
-            split = "rows each process owns" if trainer.owns_rows else "positions r, r+W, ... of each batch"
-            print(f"data parallel: {world} processes ({dist.get_backend()}, {dev.type}); "
-                  f"global batch {trainer.batch_size} split by {split}", file=sys.stderr)
-        result = trainer.fit(resume=resume)
-        if rank == 0 and experiment.config.output.plots:
-            from ppl_models.tasks.plots import plot_elbo_curves
-
-            plot_elbo_curves(result.history, experiment.run_dir / "elbo.png",
-                             title=f"{instance.model_name} / {instance.guide_name}")
-    metrics = None
-    if rank == 0 and evaluate:
-        metrics = experiment.evaluate(num_samples=num_samples)
-    return result, metrics
+        return chosen
 
 
 # ------------------------------------------------------------------------------------- launcher

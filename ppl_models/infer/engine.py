@@ -18,7 +18,9 @@ The engine adds what a long run needs and nothing the model must know about:
   last good checkpoint;
 * per-datapoint parameters (``nn.Embedding(sparse=True)``) are detected from
   their sparse gradients and updated by the sparse optimizer, rows of the
-  batch only (:mod:`ppl_models.infer.optim`).
+  batch only (:mod:`ppl_models.infer.optim`);
+* with the ``parallel`` option (:class:`ppl_models.infer.distributed.DataParallel`) the same loop runs as
+  one of several data-parallel processes, or on a GPU.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from ppl_models.infer.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     capture_rng_state,
+    checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    newest_readable_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -121,6 +125,8 @@ class Trainer:
     :param fast_path: ``False`` (Pyro's ELBO every step), ``True``/``"eager"``, ``"compile"`` or ``"auto"``:
         the objective captured once as a tensor function (:mod:`ppl_models.infer.fastpath`), falling back
         to Pyro's ELBO with a one-line notice when the model, guide or objective is not supported.
+    :param parallel: ``None`` (one process), or a :class:`~ppl_models.infer.distributed.DataParallel`: this
+        trainer is one of the processes of a data-parallel job, or runs on a GPU (no fast path then).
     """
 
     model: Callable
@@ -146,6 +152,7 @@ class Trainer:
     callback: Optional[Callable] = None
     step_fn: Optional[Callable] = None
     fast_path: object = False
+    parallel: Optional[object] = None
 
     def __post_init__(self):
         fast_path_mode(self.fast_path)  # a bad value is an error now, not at the first step
@@ -171,14 +178,11 @@ class Trainer:
         self.batch_in_epoch = 0
         self.perm: Optional[torch.Tensor] = None
         self.history: Dict[str, list] = {
-            "epoch": [],
-            "step": [],
-            "train_elbo": [],
-            "valid_elbo": [],
-            "epoch_time": [],
-            "log_step": [],
-            "log_train_elbo": [],
+            key: [] for key in ("epoch", "step", "train_elbo", "valid_elbo", "epoch_time", "log_step", "log_train_elbo")
         }
+        if self.parallel is not None:
+            self.parallel.attach(self)
+            self.progress = self.progress and self.parallel.rank == 0
         self._optim: Optional[Optimizer] = None
         self._deadline: Optional[float] = None
         self._names: List[str] = []
@@ -200,7 +204,13 @@ class Trainer:
     def checkpoint_dir(self) -> Optional[Path]:
         return None if self.run_dir is None else self.run_dir / "checkpoints"
 
-    def _loss_kwargs(self) -> dict:
+    @property
+    def objective(self):
+        """The Pyro ELBO object that training steps minimize (built from ``elbo`` and ``num_particles``)."""
+        return self._elbo
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of model and guide at a training step (``num_data``; subclasses add their own)."""
         return {"num_data": self.num_data}
 
     def _setup(self) -> None:
@@ -211,10 +221,11 @@ class Trainer:
         """
         if self._optim is not None:
             return
-        idx = torch.arange(min(self.batch_size, self.num_data))
-        args = self.train.batch(idx, torch.Generator().manual_seed(self.seed))
-        with torch.random.fork_rng(devices=[]):
-            depth = _plate_depth(self.model, self.guide, args, idx, self._loss_kwargs())
+        parallel = self.parallel  # with it, this rank's own rows, on its device
+        idx = torch.arange(min(self.batch_size, self.num_data)) if parallel is None else parallel.setup_rows(self.batch_size)
+        *args, idx = self._on_device((*self.train.batch(idx, torch.Generator().manual_seed(self.seed)), idx))
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            depth = _plate_depth(self.model, self.guide, args, idx, self.loss_kwargs())
             for elbo in (self._elbo, self._valid_elbo):
                 if elbo.max_plate_nesting == float("inf"):
                     elbo.max_plate_nesting = depth + int(elbo.vectorize_particles and elbo.num_particles > 1)
@@ -231,17 +242,24 @@ class Trainer:
             p.grad = None
         self._names = names
         self._optim = make_optimizer(self.optimizer, named, lr=self.lr, sparse_ids=sparse_ids, **self.optimizer_kwargs)
-        self._fast = make_fast_path(self)
+        if parallel is not None:
+            parallel.setup_done(named)
+        else:
+            self._fast = make_fast_path(self)
 
     # -------------------------------------------------------------- one step
     def _loss_and_grads(self, args, idx) -> float:
-        if self._differentiable:
-            loss = self._elbo.differentiable_loss(self.model, self.guide, *args, idx, **self._loss_kwargs())
-            value = loss.item()
-            if math.isfinite(value):
-                loss.backward()
-            return value
-        return float(self._elbo.loss_and_grads(self.model, self.guide, *args, idx, **self._loss_kwargs()))
+        kwargs = self.loss_kwargs()
+        if self.parallel is not None:
+            loss = self.parallel.loss(args, idx, kwargs)
+        elif self._differentiable:
+            loss = self._elbo.differentiable_loss(self.model, self.guide, *args, idx, **kwargs)
+        else:
+            return float(self._elbo.loss_and_grads(self.model, self.guide, *args, idx, **kwargs))
+        value = loss.item()
+        if math.isfinite(value):
+            loss.backward()
+        return value
 
     def train_step(self, args, idx) -> float:
         """One optimizer step on the batch ``(*args, idx)``; returns its loss (the N/batch-scaled -ELBO estimate).
@@ -262,9 +280,12 @@ class Trainer:
 
     def _train_step(self, args, idx) -> float:
         self._optim.zero_grad()
-        loss = None if self._fast is None else self._fast.try_loss_and_grads((*args, idx))
-        if loss is None:
-            loss = self._loss_and_grads(args, idx)
+        if self.parallel is not None:  # this rank's rows; the loss of the global batch
+            args, idx, loss = self.parallel.loss_and_grads(args, idx, self.loss_kwargs(), self._deadline_passed())
+        else:
+            loss = None if self._fast is None else self._fast.try_loss_and_grads((*args, idx), self.loss_kwargs())
+            if loss is None:
+                loss = self._loss_and_grads(args, idx)
         if not math.isfinite(loss):
             self._raise_non_finite(loss, args, idx)
         self._optim.step()
@@ -279,7 +300,7 @@ class Trainer:
 
     # ------------------------------------------------------------ non-finite
     def _raise_non_finite(self, loss: float, args, idx, during: str = "") -> None:
-        site, detail = _find_non_finite_site(self.model, self.guide, args, idx, self._loss_kwargs())
+        site, detail = _find_non_finite_site(self.model, self.guide, args, idx, self.loss_kwargs())
         bad_params = [n for n, p in pyro.get_param_store().named_parameters() if not bool(torch.isfinite(p).all())]
         where = during or f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})"
         parts = [f"non-finite loss {loss} at {where}"]
@@ -298,8 +319,9 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
+        """The checkpoint's state; with ``parallel`` collective, and complete on rank 0 only."""
         store = pyro.get_param_store()
-        return {
+        state = {
             "settings": self.settings,
             "step": self.step,
             "epoch": self.epoch,
@@ -312,9 +334,13 @@ class Trainer:
             "history": self.history,
             "partial": [self._epoch_loss_sum, self._epoch_steps, self._log_loss_sum, self._log_steps],
         }
+        return state if self.parallel is None else self.parallel.gather_state(state, self._names, self._optim)
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (a full checkpoint; with ``parallel`` every rank takes its own part)."""
         self._setup()
+        if self.parallel is not None:
+            state = self.parallel.rank_state(state, self._names, self._optim)
         saved = state["settings"]
         for key in _RESUME_KEYS:
             if saved.get(key) != getattr(self, key):
@@ -343,18 +369,22 @@ class Trainer:
         self.history = state["history"]
         self._epoch_loss_sum, self._epoch_steps, self._log_loss_sum, self._log_steps = state["partial"]
 
-    def save(self) -> Optional[Path]:
+    def save(self) -> Optional[Path]:  # with ``parallel``: collective, rank 0 writes
         if self.checkpoint_dir is None:
             return None
         bad = [n for n in self._names if not bool(torch.isfinite(pyro.get_param_store()._params[n]).all())]
-        if bad:
+        if bad if self.parallel is None else self.parallel.any_rank(bool(bad)):
             raise NonFiniteLossError(
-                f"not saving a checkpoint at step {self.step}: non-finite parameters {', '.join(bad)}",
+                f"not saving a checkpoint at step {self.step}: non-finite parameters "
+                f"{', '.join(bad) if bad else 'on another rank'}",
                 step=self.step,
                 site=None,
                 checkpoint=self._latest_checkpoint_path(),
             )
-        path = save_checkpoint(self.checkpoint_dir, self.state_dict(), keep_last=self.keep_last)
+        state = self.state_dict()
+        if self.parallel is not None and self.parallel.rank != 0:
+            return checkpoint_path(self.checkpoint_dir, self.step)
+        path = save_checkpoint(self.checkpoint_dir, state, keep_last=self.keep_last)
         self._write_history()
         return path
 
@@ -364,18 +394,18 @@ class Trainer:
             atomic_write_bytes(self.run_dir / "history.json", lambda f: f.write(text))
 
     def resume(self) -> Optional[Path]:
-        """Load the newest readable checkpoint of ``run_dir``; returns its path (``None`` if there is none)."""
+        """Load the newest readable checkpoint of ``run_dir`` (with ``parallel``: the one rank 0 chose, on every
+        rank); returns its path (``None`` if there is none)."""
         if self.checkpoint_dir is None:
             raise ValueError("resume needs a run_dir")
-        for path in reversed(list_checkpoints(self.checkpoint_dir)):
-            try:
-                state = load_checkpoint(path)
-            except CheckpointError as exc:
-                print(f"skipping unreadable checkpoint: {exc}", file=sys.stderr)
-                continue
-            self.load_state_dict(state)
-            return path
-        return None
+        path, state = None, None
+        if self.parallel is None or self.parallel.rank == 0:
+            path, state = newest_readable_checkpoint(self.checkpoint_dir, report=True)
+        if self.parallel is not None:
+            path = self.parallel.agree_on_checkpoint(path)
+        if path is not None:
+            self.load_state_dict(state if state is not None else load_checkpoint(path))
+        return path
 
     # ------------------------------------------------------------ validation
     @torch.no_grad()
@@ -383,14 +413,20 @@ class Trainer:
         """ELBO per datapoint on ``valid`` (its own seeded generators: training randomness is untouched)."""
         n = int(self.valid.num_data)
         total = 0.0
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(self.seed * 1_000_003 + self.epoch)
             gen = torch.Generator().manual_seed(self.seed + self.epoch)
             for start in range(0, n, self.valid_batch_size):
                 idx = torch.arange(start, min(n, start + self.valid_batch_size))
-                args = self.valid.batch(idx, gen)
+                args = self._on_device(self.valid.batch(idx, gen))
                 total += float(self._valid_elbo.loss(self.model, self.guide, *args, None))
         return -total / n
+
+    def _on_device(self, args) -> tuple:
+        return args if self.parallel is None else self.parallel.to_device(args)
+
+    def _rng_devices(self) -> list:  # the CUDA generators fork_rng must keep
+        return [] if self.parallel is None else self.parallel.rng_devices
 
     # ------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> FitResult:
@@ -406,6 +442,8 @@ class Trainer:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         with _catch_signals() as caught:
+            if self.parallel is not None:  # the loop reads what all ranks agreed on, never a rank's own signal
+                caught = self.parallel.agreement(caught)
             while self.epoch < self.num_epochs and not self._done():
                 self._run_epoch(caught)
         if self._done() and self.batch_in_epoch > 0:
@@ -415,6 +453,9 @@ class Trainer:
     def _done(self) -> bool:
         if self.max_steps is not None and self.step >= self.max_steps:
             return True
+        return self._deadline_passed() if self.parallel is None else self.parallel.agreed.deadline
+
+    def _deadline_passed(self) -> bool:
         return self._deadline is not None and time.perf_counter() >= self._deadline
 
     def _run_epoch(self, caught) -> None:

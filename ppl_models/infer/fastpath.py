@@ -5,23 +5,14 @@ re-registers every ``pyro.module`` parameter and scores every site in Python.  F
 guide, objective and batch shape that work is the same every step; only the numbers change.  The fast
 path does it once and keeps only the numbers:
 
-1. **Capture.** ``make_fx`` (real tensors) records the aten operations that Pyro's own objective runs:
-   the guide and the model replayed on its draws (``elbo._get_traces``) and the surrogate loss of
-   ``elbo._differentiable_loss_particle`` — so plates, ``num_data / batch`` scales, masks, analytic KLs
-   (``TraceMeanField_ELBO``) and particle averaging are Pyro's, not re-implemented.
-2. **Rewrite** the recorded graph into ``loss = f(parameters, batch, noise)``:
-
-   * tensors that are parameters of the Pyro param store become inputs (the live tensors the optimizer
-     updates, so the engine's optimizer and checkpoints are unchanged);
-   * every random draw (``normal_`` on a fresh buffer, ...) moves to a separate *noise* graph, run
-     eagerly before the loss with torch's global generator: the same draws, in the same order, as
-     Pyro's eager step, so trajectories match;
-   * scalar reads (``.item()`` of input checks such as ``check_tensor`` and of Pyro's ``torch_item``)
-     are dropped: they do not feed the loss.
-3. **Verify.** The graph is captured again on the next batch (other data, other noise, parameters one
-   step on); the two must be identical — operations, constants and parameters — or the structure
-   depends on values (dynamic control flow, a scalar burned into an operation) and the engine falls back.
-4. **Run.** ``loss = f(*params, *batch, *noise); loss.backward()`` eagerly (``mode="eager"``), or, with
+1. **Capture**, **rewrite** and **verify** (:mod:`ppl_models.infer.capture`): ``make_fx`` records the aten
+   operations of Pyro's own objective — the guide and the model replayed on its draws and the surrogate loss,
+   so plates, ``num_data / batch`` scales, masks, analytic KLs (``TraceMeanField_ELBO``) and particle
+   averaging are Pyro's, not re-implemented — rewritten into ``loss = f(parameters, batch, noise)`` with the
+   random draws in a separate noise graph run eagerly with torch's global generator (the same draws, in
+   the same order, as Pyro's eager step, so trajectories match); the graph captured again on the next batch
+   must be the same program, else the engine falls back.
+2. **Run.** ``loss = f(*params, *batch, *noise); loss.backward()`` eagerly (``mode="eager"``), or, with
    ``mode="compile"``, ``grad_and_value`` of ``f`` traced into one forward-and-backward graph and compiled by
    inductor (:class:`JointGradient`: no autograd engine at run time, as ``jax.jit`` of ``value_and_grad``;
    :class:`CompiledGraph`: no dynamo either), or eagerly first and compiled only when the rest of the run
@@ -40,10 +31,8 @@ Not covered by the verification: control flow on values that takes the same bran
 batches (:class:`FastPath`'s ``verify_every=K`` re-captures every K steps and compares again).  A
 parameter replaced in the param store after the capture also falls back.
 
-Private APIs: ``make_fx(..., _error_on_data_dependent_ops=False)`` and Pyro's ``ELBO._get_traces`` /
-``_differentiable_loss_particle`` (torch 2.13, pyro 1.9.2).  If a later version changes them the capture
-fails, and the engine says so in its notice and runs Pyro's ELBO.  ``torch._inductor.compile`` (inductor on an
-FX graph, without dynamo): if it fails, the captured graph runs eagerly, with one notice.
+Private APIs: those of the capture (:mod:`ppl_models.infer.capture`), and ``torch._inductor.compile``
+(inductor on an FX graph, without dynamo): if it fails, the captured graph runs eagerly, with one notice.
 
 Speed (``benchmarks/bench_fast_path.py``): the eager captured step removes Pyro's per-step Python work;
 compiling fuses the elementwise work around the matrix products, which dominate a VAE step on a CPU.
@@ -52,26 +41,31 @@ compiling fuses the elementwise work around the matrix products, which dominate 
 from __future__ import annotations
 
 import math
-import sys
 import time
-import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from torch import fx
 
+from ppl_models.infer.capture import (
+    SUPPORTED_ELBOS,
+    CapturedLoss,
+    CapturedPrograms,
+    FastPathUnsupported,
+    batch_key,
+    capture_function,
+    capture_loss,
+    notice_stderr,
+    with_tensors,
+)
+
 __all__ = [
     "FAST_PATH_MODES",
-    "FastPathUnsupported",
-    "CapturedLoss",
     "CapturedTerms",
+    "CompiledGraph",
     "JointGradient",
-    "capture_function",
-    "capture_loss",
     "FastPath",
     "fast_path_mode",
     "make_fast_path",
@@ -94,13 +88,6 @@ AUTO_COMPILE_COST_S = 90.0
 #: 25 % on two).
 AUTO_COMPILE_SAVING = 0.12
 
-_SUPPORTED_ELBOS = (Trace_ELBO, TraceMeanField_ELBO)
-
-
-class FastPathUnsupported(RuntimeError):
-    """The model, guide or objective is outside what the fast path captures; the message says why."""
-
-
 def fast_path_mode(value) -> Optional[str]:
     """Normalise the ``fast_path`` option: ``None`` (off), ``"eager"``, ``"compile"`` or ``"auto"``."""
     if value is False or value is None or value == "off":
@@ -110,243 +97,6 @@ def fast_path_mode(value) -> Optional[str]:
     if value in ("compile", "auto"):
         return value
     raise ValueError(f"fast_path: expected one of false, true, 'eager', 'compile', 'auto'; received {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------- capture
-@dataclass
-class CapturedLoss:
-    """``loss = graph(*params, *tensors, *noise_graph())``: the captured surrogate loss (see module docstring).
-
-    :param graph: the loss graph; inputs: parameters, then the batch's tensors, then the noise.
-    :param noise_graph: no inputs; returns the tuple of noise tensors, drawn as Pyro draws them.
-    :param param_names: param-store names of the parameter inputs, in order.
-    :param params: the live parameter tensors, in order.
-    :param signature: what two captures must share to be the same program.
-    :param sparse: whether some parameter gets a sparse gradient (``embedding(sparse=True)``).
-    """
-
-    graph: fx.GraphModule
-    noise_graph: fx.GraphModule
-    param_names: List[str]
-    params: List[torch.Tensor]
-    signature: tuple
-    sparse: bool
-    constants: List[torch.Tensor] = field(default_factory=list)
-
-    def same_program(self, other: "CapturedLoss") -> bool:
-        if self.signature != other.signature or len(self.constants) != len(other.constants):
-            return False
-        return all(a.shape == b.shape and bool(torch.equal(a, b)) for a, b in zip(self.constants, other.constants))
-
-    def __call__(self, tensors, noise=None) -> torch.Tensor:
-        noise = self.noise_graph() if noise is None else noise
-        return self.graph(*self.params, *tensors, *noise)
-
-
-def _check_structure(model_trace, guide_trace) -> None:
-    """Raise :class:`FastPathUnsupported` for sites the captured graph would not handle like Pyro."""
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
-            continue
-        if site["infer"].get("enumerate"):
-            raise FastPathUnsupported(f"guide site {name!r} is enumerated")
-        if not getattr(site["fn"], "has_rsample", False):
-            raise FastPathUnsupported(
-                f"guide site {name!r} ({type(site['fn']).__name__}) is not reparameterizable "
-                "(score-function gradients)"
-            )
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            if name not in guide_trace.nodes:
-                raise FastPathUnsupported(f"model latent site {name!r} has no guide site")
-            if site["infer"].get("enumerate"):
-                raise FastPathUnsupported(f"model site {name!r} is enumerated")
-
-
-def with_tensors(template: tuple, tensors) -> tuple:
-    """``template`` (tensors and other values) with its tensors replaced, in order, by ``tensors``."""
-    args, it = list(template), iter(tensors)
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            args[i] = next(it)
-    return tuple(args)
-
-
-def _loss_function(elbo, model, guide, template: tuple, kwargs: dict):
-    """``f(*tensors) -> surrogate loss``: Pyro's objective for the arguments ``template`` with its tensors replaced."""
-
-    def loss(*tensors):
-        args = with_tensors(template, tensors)
-        total = 0.0
-        with pyro.validation_enabled(False):
-            for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
-                _check_structure(model_trace, guide_trace)
-                _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
-                total = total + surrogate / elbo.num_particles
-        if not isinstance(total, torch.Tensor):
-            raise FastPathUnsupported("the objective does not depend on any tensor")
-        return total
-
-    return loss
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
-
-
-def _ancestors(node: fx.Node) -> List[fx.Node]:
-    seen, stack, out = set(), [node], []
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                out.append(a)
-                stack.append(a)
-    return out
-
-
-def capture_loss(elbo, model, guide, args: tuple, kwargs: dict) -> CapturedLoss:
-    """Capture Pyro's ``elbo`` for ``model``/``guide`` on ``args`` (tensors and ``None``) as a :class:`CapturedLoss`.
-
-    Runs guide and model once (the generators' state is restored afterwards, so the caller's next draw
-    is the one Pyro would make).  Raises :class:`FastPathUnsupported` with the reason.
-    """
-    if type(elbo) not in _SUPPORTED_ELBOS:
-        raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
-    return capture_function(_loss_function(elbo, model, guide, tuple(args), kwargs), args)
-
-
-def _tensors_of(args: tuple) -> List[torch.Tensor]:
-    for a in args:
-        if a is not None and not isinstance(a, torch.Tensor):
-            raise FastPathUnsupported(f"argument of type {type(a).__name__} (only tensors and None)")
-    return [a for a in args if isinstance(a, torch.Tensor)]
-
-
-def capture_function(fn: Callable, args: tuple) -> CapturedLoss:
-    """Capture ``fn(*tensors)``, a Pyro computation on the tensors of ``args`` (tensors and ``None``) that
-    returns tensors, as a :class:`CapturedLoss` (its graph returns what ``fn`` returns).  The generators'
-    state is restored afterwards.  Raises :class:`FastPathUnsupported` with the reason."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    tensors = _tensors_of(args)
-    store = pyro.get_param_store()
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            gm = make_fx(fn, tracing_mode="real", _error_on_data_dependent_ops=False)(*tensors)
-        except FastPathUnsupported:
-            raise
-        except Exception as exc:  # anything make_fx cannot record
-            raise FastPathUnsupported(f"capture failed: {_first_line(exc)}") from exc
-    param_by_id = {id(t): name for name, t in store._params.items()}
-    try:
-        return _rewrite(gm, len(tensors), param_by_id, store)
-    except FastPathUnsupported:
-        raise
-    except Exception as exc:  # a graph the rewrite does not understand
-        raise FastPathUnsupported(f"rewriting the captured graph failed: {_first_line(exc)}") from exc
-
-
-def _rewrite(gm: fx.GraphModule, num_inputs: int, param_by_id: Dict[int, str], store) -> CapturedLoss:
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != num_inputs:
-        raise FastPathUnsupported("captured graph has an unexpected signature")
-    # 1. scalar reads feed no tensor of the graph: drop them
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is aten._local_scalar_dense.default:
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    # 2. parameters of the param store become the first inputs
-    param_nodes: Dict[str, fx.Node] = {}
-    param_names: List[str] = []
-    constants: List[torch.Tensor] = []
-    const_nodes: List[str] = []
-    first = placeholders[0] if placeholders else next(iter(graph.nodes))
-    for node in list(graph.nodes):
-        if node.op != "get_attr":
-            continue
-        value = getattr(gm, node.target)
-        name = param_by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if name is None:
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                raise FastPathUnsupported(
-                    f"a tensor that requires grad is not a Pyro parameter ({tuple(value.shape)}); "
-                    "register it with pyro.param or pyro.module"
-                )
-            const_nodes.append(node.target)
-            constants.append(value.detach() if isinstance(value, torch.Tensor) else value)
-            continue
-        if name not in param_nodes:
-            with graph.inserting_before(first):
-                param_nodes[name] = graph.placeholder(f"param_{len(param_names)}")
-            param_names.append(name)
-        node.replace_all_uses_with(param_nodes[name])
-        graph.erase_node(node)
-    # 3. random draws move to the noise graph
-    random_nodes = [
-        n for n in graph.nodes
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in n.target.tags
-    ]
-    noise_graph = fx.Graph()
-    copied: Dict[fx.Node, fx.Node] = {}
-    noise_outputs = []
-    last_input = placeholders[-1] if placeholders else None
-    for k, node in enumerate(random_nodes):
-        ancestors = _ancestors(node)
-        if any(a.op == "placeholder" for a in ancestors):
-            raise FastPathUnsupported(
-                f"random draw {node.target} depends on the batch or the parameters "
-                "(a sampler without a fixed-noise reparameterization)"
-            )
-        members = set(ancestors) | {node}
-        for a in ancestors:
-            if any(u not in members and u not in random_nodes for u in a.users):
-                raise FastPathUnsupported(f"the buffer of random draw {node.target} is used elsewhere")
-        for n in graph.nodes:  # topological order
-            if n in members and n not in copied:
-                if n.op == "get_attr":
-                    raise FastPathUnsupported(f"random draw {node.target} reads a stored tensor")
-                copied[n] = noise_graph.node_copy(n, lambda a: copied[a])
-        noise_outputs.append(copied[node])
-        with graph.inserting_after(last_input) if last_input is not None else graph.inserting_before(first):
-            ph = graph.placeholder(f"noise_{k}")
-        last_input = ph
-        node.replace_all_uses_with(ph)
-    for node in reversed(random_nodes):
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    noise_graph.output(tuple(noise_outputs))
-    # drop the attributes that became inputs or vanished
-    used = {n.target for n in graph.nodes if n.op == "get_attr"}
-    for name in list(dict(gm.named_parameters()).keys()) + list(dict(gm.named_buffers()).keys()):
-        if name not in used and "." not in name:
-            delattr(gm, name)
-    for name in list(vars(gm)):
-        if name.startswith("_tensor_constant") and name not in used:
-            delattr(gm, name)
-    graph.lint()
-    gm.recompile()
-    noise_gm = fx.GraphModule(torch.nn.Module(), noise_graph)
-    sparse = any(
-        n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 4 and n.args[4]
-        for n in graph.nodes
-    )
-    params = [store._params[name] for name in param_names]
-    kept = [(t, v) for t, v in zip(const_nodes, constants) if t in used]
-    signature = (
-        gm.code,
-        noise_gm.code,
-        tuple(param_names),
-        tuple((tuple(p.shape), p.dtype) for p in params),
-        tuple(t for t, _ in kept),
-    )
-    return CapturedLoss(gm, noise_gm, param_names, params, signature, sparse,
-                        [v for _, v in kept if isinstance(v, torch.Tensor)])
 
 
 # ------------------------------------------------------------------------------------------- the runner
@@ -498,44 +248,12 @@ class JointGradient:
         return self.fn(inputs)
 
 
-def _check_same_program(cap: CapturedLoss, again: CapturedLoss) -> None:
-    """The verification step: a capture on another batch must be the same program, else the fast path stops."""
-    if not cap.same_program(again):
-        raise FastPathUnsupported(
-            "the captured program changed between batches (control flow or constants depend on values)"
-        )
-
-
-def _notice(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def _key(args: tuple) -> tuple:
-    return tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
-
-
-def _call(owner, key: tuple, cap: CapturedLoss, inputs: tuple):
-    """``owner.runners[key](*inputs)``; the first compiled call is timed into ``owner.compile_seconds``, and
-    if compiling fails the captured graph runs eagerly from then on (with one notice)."""
-    run = owner.runners[key]
-    if run is cap.graph or owner.compile_seconds is not None:
-        return run(*inputs)
-    start = time.perf_counter()
-    try:
-        out = run(*inputs)
-    except Exception as exc:  # compilation failed: keep the eager graph
-        owner.notice(f"fast path: compiling failed ({_first_line(exc)}); running the captured graph eagerly")
-        owner.runners[key] = cap.graph
-        out = cap.graph(*inputs)
-    owner.compile_seconds = time.perf_counter() - start
-    return out
-
-
-class FastPath:
+class FastPath(CapturedPrograms):
     """Loss and gradients of ``elbo`` for ``model``/``guide`` from captured graphs, one per batch shape.
 
     :param elbo: a Pyro ``Trace_ELBO`` or ``TraceMeanField_ELBO`` (its ``max_plate_nesting`` set).
-    :param kwargs: keyword arguments of model and guide (``num_data``).
+    :param kwargs: keyword arguments of model and guide (``num_data``); a step may pass others (an annealed KL
+        weight), and then every program must show, captured again, that it is the same with them.
     :param mode: ``"eager"``, ``"compile"`` or ``"auto"`` (see :func:`fast_path_mode`).
     :param planned_steps: steps the run still plans (for ``"auto"``); ``None``: unknown (eager).
     :param verify_every: re-capture and compare every this many steps (0: only on the second batch).
@@ -543,28 +261,22 @@ class FastPath:
     """
 
     def __init__(self, elbo, model: Callable, guide: Callable, kwargs: dict, *, mode: str = "eager",
-                 planned_steps: Optional[int] = None, verify_every: int = 0, notice: Callable[[str], None] = _notice):
-        if type(elbo) not in _SUPPORTED_ELBOS:
+                 planned_steps: Optional[int] = None, verify_every: int = 0,
+                 notice: Callable[[str], None] = notice_stderr):
+        if type(elbo) not in SUPPORTED_ELBOS:
             raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
+        super().__init__(notice)
         self.elbo, self.model, self.guide, self.kwargs = elbo, model, guide, dict(kwargs)
         self.mode = mode
         self.compile = mode == "compile"
         self.planned_steps = planned_steps
         self._probe_start: Optional[float] = None
         self.verify_every = int(verify_every)
-        self.notice = notice
-        self.captured: Dict[tuple, CapturedLoss] = {}
-        self.verified: Dict[tuple, bool] = {}
-        self.runners: Dict[tuple, Callable] = {}
         self.steps = 0
-        self.disabled: Optional[str] = None  # the reason, once it fell back
-        self.compile_seconds: Optional[float] = None
         self._compile_key: Optional[tuple] = None
+        self._stale: set = set()  # keys captured with other keyword arguments
 
     # ------------------------------------------------------------------ structure
-    def _capture(self, args: tuple) -> CapturedLoss:
-        return capture_loss(self.elbo, self.model, self.guide, args, self.kwargs)
-
     def _runner(self, key: tuple, cap: CapturedLoss) -> Callable:
         if self.compile and (self._compile_key is None or self._compile_key == key):
             self._compile_key = key
@@ -574,18 +286,17 @@ class FastPath:
                 self.notice(f"fast path: not compiling ({exc}); running the captured graph eagerly")
         return cap.graph
 
-    def prepare(self, args: tuple) -> Tuple[tuple, CapturedLoss]:
-        key = _key(args)
-        cap = self.captured.get(key)
-        recheck = self.verify_every > 0 and self.steps > 0 and self.steps % self.verify_every == 0
-        if cap is None:
-            cap = self._capture(args)
-            self.captured[key] = cap
-            self.verified[key] = False
-            self.runners[key] = self._runner(key, cap)
-        elif not self.verified[key] or recheck:
-            _check_same_program(cap, self._capture(args))
-            self.verified[key] = True
+    def prepare(self, args: tuple, kwargs: Optional[dict] = None) -> Tuple[tuple, CapturedLoss]:
+        if kwargs is not None and kwargs != self.kwargs:
+            self.kwargs = dict(kwargs)
+            self._stale.update(self.captured)
+        key = batch_key(args)
+        recheck = key in self._stale or (
+            self.verify_every > 0 and self.steps > 0 and self.steps % self.verify_every == 0)
+        self._stale.discard(key)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        cap = self._program(key, lambda: capture_loss(self.elbo, self.model, self.guide, args, self.kwargs),
+                            tensors, recheck)
         params = pyro.get_param_store()._params
         for name, tensor in zip(cap.param_names, cap.params):
             if params.get(name) is not tensor:
@@ -593,11 +304,11 @@ class FastPath:
         return key, cap
 
     # ------------------------------------------------------------------ one step
-    def loss_and_grads(self, args: tuple) -> float:
-        """The loss value (float) of ``args``; gradients accumulated into the parameters when it is finite."""
-        key, cap = self.prepare(args)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        out = _call(self, key, cap, (*cap.params, *tensors, *cap.noise_graph()))
+    def loss_and_grads(self, args: tuple, kwargs: Optional[dict] = None) -> float:
+        """The loss value (float) of ``args`` (and ``kwargs``, by default those of the constructor); gradients
+        accumulated into the parameters when it is finite."""
+        key, cap = self.prepare(args, kwargs)
+        out = self._run(key, cap, [a for a in args if isinstance(a, torch.Tensor)])
         loss, grads = out if isinstance(out, tuple) else (out, None)  # a JointGradient: no autograd graph
         value = loss.item()
         if math.isfinite(value):
@@ -621,66 +332,61 @@ class FastPath:
                 self.compile = True
                 self.runners = {k: self._runner(k, cap) for k, cap in self.captured.items()}
 
-    def try_loss_and_grads(self, args: tuple) -> Optional[float]:
+    def try_loss_and_grads(self, args: tuple, kwargs: Optional[dict] = None) -> Optional[float]:
         """:meth:`loss_and_grads`, or ``None`` when Pyro must take this step: a validation step, or the fast
         path does not apply (then a one-line notice says why, once, and every later call returns ``None``)."""
         if self.disabled is not None or is_validation_enabled():
             return None
         try:
-            return self.loss_and_grads(args)
+            return self.loss_and_grads(args, kwargs)
         except FastPathUnsupported as exc:
-            self.disabled = str(exc)
-            self.notice(f"fast path off: {exc}; using Pyro's {type(self.elbo).__name__} for every step")
+            self._give_up(exc, f"using Pyro's {type(self.elbo).__name__} for every step")
             return None
 
 
 def make_fast_path(trainer) -> Optional[FastPath]:
-    """The :class:`FastPath` for an engine :class:`~ppl_models.infer.engine.Trainer` (after its set-up), or
-    ``None`` with a one-line notice when its settings rule it out."""
+    """The :class:`FastPath` for an engine :class:`~ppl_models.infer.engine.Trainer` (after its set-up: its
+    ``objective`` and ``loss_kwargs()``), or ``None`` with a one-line notice when its settings rule it out."""
     mode = fast_path_mode(trainer.fast_path)
     if mode is None:
         return None
-    name = type(trainer._elbo).__name__
+    objective = trainer.objective
+    name = type(objective).__name__
     reason = None
     if trainer.step_fn is not None:
         reason = "a strategy's step rule replaces the joint step"
     elif trainer.validate == "always":
         reason = "validate='always' checks every step through Pyro"
-    elif type(trainer._elbo) not in _SUPPORTED_ELBOS:
+    elif type(objective) not in SUPPORTED_ELBOS:
         reason = f"objective {name} (supported: Trace_ELBO, TraceMeanField_ELBO)"
     if reason is not None:
-        _notice(f"fast path off: {reason}; using Pyro's {name} for every step")
+        notice_stderr(f"fast path off: {reason}; using Pyro's {name} for every step")
         return None
     total = trainer.max_steps if trainer.max_steps is not None else trainer.num_epochs * trainer.num_batches
-    return FastPath(trainer._elbo, trainer.model, trainer.guide, trainer._loss_kwargs(), mode=mode,
+    return FastPath(objective, trainer.model, trainer.guide, trainer.loss_kwargs(), mode=mode,
                     planned_steps=max(0, total - trainer.step))
 
 
 # --------------------------------------------------------------------------------------- evaluation
-class CapturedTerms:
+class CapturedTerms(CapturedPrograms):
     """The importance-sampling evaluator's per-chunk terms from captured graphs (``evaluate(fast_path=...)``).
 
     Each chunk's Pyro computation (guide, model replayed on its draws, per-site log-densities) is captured
-    once per (chunk size, batch shape) as a graph of (parameters, batch, noise), verified on its second use
-    like the training fast path, and run eagerly or — ``mode="compile"``, for the first shape — compiled by
-    inductor (:class:`CompiledGraph`), which fuses the elementwise work after the decoder's products.  The
+    once per (chunk size, batch shape) as a graph of (parameters, batch, noise), verified on its first other
+    batch like the training fast path, and run eagerly or — ``mode="compile"``, for the first shape — compiled
+    by inductor (:class:`CompiledGraph`), which fuses the elementwise work after the decoder's products.  The
     draws are Pyro's, in Pyro's order, so the results equal the Pyro path's up to float rounding.  Anything the
     capture does not handle ends the fast path with one notice; the evaluator then continues through Pyro.
 
     :param mode: ``"eager"`` or ``"compile"``.
     """
 
-    def __init__(self, mode: str = "compile", notice: Callable[[str], None] = _notice):
+    def __init__(self, mode: str = "compile", notice: Callable[[str], None] = notice_stderr):
         if mode not in ("eager", "compile"):
             raise ValueError(f"mode: expected 'eager' or 'compile', received {mode!r}")
-        self.mode, self.notice = mode, notice
-        self.captured: Dict[tuple, CapturedLoss] = {}
-        self.verified: Dict[tuple, bool] = {}
-        self.runners: Dict[tuple, Callable] = {}
-        self.disabled: Optional[str] = None
-        self.compile_seconds: Optional[float] = None
+        super().__init__(notice)
+        self.mode = mode
         self._compiled_key: Optional[tuple] = None
-        self._first_batch: Dict[tuple, list] = {}
 
     def chunk_terms(self, chunk: Callable, data: tuple, idx) -> Optional[tuple]:
         """``chunk(data, idx)`` computed by its captured graph, or ``None`` when Pyro must compute it."""
@@ -688,8 +394,8 @@ class CapturedTerms:
             return None
         args = (*data, idx)
         try:
-            key = (chunk.keywords.get("size") if hasattr(chunk, "keywords") else None, _key(args))
-            tensors = _tensors_of(args)
+            key = (chunk.keywords.get("size") if hasattr(chunk, "keywords") else None, batch_key(args))
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
             n_data = len(tensors) - int(isinstance(idx, torch.Tensor))
 
             def capture():
@@ -698,20 +404,10 @@ class CapturedTerms:
                     args,
                 )
 
-            cap = self.captured.get(key)
-            if cap is None:
-                cap = self.captured[key] = capture()
-                self.verified[key] = False
-                self._first_batch[key] = tensors  # verified on the first other batch
-                self.runners[key] = self._runner(key, cap)
-            elif not self.verified[key] and any(a is not b for a, b in zip(tensors, self._first_batch[key])):
-                _check_same_program(cap, capture())
-                self.verified[key] = True
-                del self._first_batch[key]
-            return tuple(_call(self, key, cap, (*cap.params, *tensors, *cap.noise_graph())))
+            cap = self._program(key, capture, tensors)
+            return tuple(self._run(key, cap, tensors))
         except FastPathUnsupported as exc:
-            self.disabled = str(exc)
-            self.notice(f"fast path off: {exc}; evaluating through Pyro")
+            self._give_up(exc, "evaluating through Pyro")
             return None
 
     def _runner(self, key: tuple, cap: CapturedLoss) -> Callable:

@@ -333,7 +333,7 @@ class StopGradientStep:
         self.guide = guide
 
     def __call__(self, trainer, args, idx) -> float:
-        model, spec, elbo, kwargs = trainer.model, self.guide.spec, trainer._elbo, trainer._loss_kwargs()
+        model, spec, elbo, kwargs = trainer.model, self.guide.spec, trainer.objective, trainer.loss_kwargs()
         encoder = self.guide.encoder
         pyro.module("encoder", encoder)
         lam0 = encoder(args[0])
