@@ -1,4 +1,19 @@
-"""Training-step time of the five latent-alignment variants relative to ``soft``, in one run.
+"""The five latent-alignment variants: training-step time relative to ``soft`` (default), or the perplexity table
+of all five trained at one budget over several seeds (``--table``).
+
+**The table** (``--table``): every variant of ``--variants`` (default all five, plus ``hard`` and ``variational``
+with the learned baseline: ``--learned-baseline``) trained by ``ppl-models fit`` with ``--config``
+(``examples/configs/attention_multi30k.toml``: one shared network with input feeding, Deng et al.'s REINFORCE,
+validation by the exact log-likelihood, the learning rate halved on a plateau, early stopping, the same
+``[train] time_limit`` for every variant) once per seed of ``--seeds``, each run in
+``<run-root>/<variant>[-learned]-seed<k>``; a run whose ``summary.json`` exists is read, not trained again (so the
+table can be built over several sessions; ``--table-only`` trains nothing).  Printed: test perplexity (exact) per
+seed, the mean, steps and epochs, and the issue's checks on the means — exact ~ variational-enum <= variational
+< soft < hard, variational within 5 % of variational-enum, hard within 10 % of soft — plus one JSON line.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_alignment.py --table --seeds 0 1 --learned-baseline   # ~4.7 h
+
+**Step time** (default):
 
 Model: :mod:`ppl_models.alignment` with the Multi30k configuration (en->fr, vocabularies of the training set's
 types seen at least twice, embeddings 64, GRUs 64, output embedding 64, batch 64 of similar lengths) — or, with
@@ -23,6 +38,8 @@ exact <= 2x soft (time per step).  The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -68,7 +85,8 @@ def main(args) -> dict:
     for b in range(min(args.steps, 50)):
         idx = order[b * args.batch_size : (b + 1) * args.batch_size]
         batches.append((train.batch(idx), idx))
-    sizes = dict(train.model_kwargs, emb_dim=args.emb_dim, hidden_dim=args.hidden_dim, out_dim=args.out_dim)
+    sizes = dict(train.model_kwargs, emb_dim=args.emb_dim, hidden_dim=args.hidden_dim, out_dim=args.out_dim,
+                 input_feed=args.input_feed, baseline=args.baseline)
     pyro.set_rng_seed(args.seed)
     base = pm.instantiate("alignment", "none", num_data=train.num_data, model_kwargs=dict(sizes, variant="soft"))
     impls, trainers = [], {}
@@ -77,7 +95,7 @@ def main(args) -> dict:
         inst = pm.instantiate("alignment", guide, num_data=train.num_data, model_kwargs=dict(sizes, variant=variant))
         inst.modules["net"].load_state_dict(base.modules["net"].state_dict())
         trainer = Trainer(inst.model, inst.guide, train, elbo=elbo, lr=args.lr, batch_size=args.batch_size,
-                          progress=False, seed=args.seed)
+                          progress=False, seed=args.seed, fast_path=False)  # Pyro's step for every variant
         trainers[variant] = trainer
         impls.append(Impl(variant, f"{variant} ({elbo}, guide {guide})",
                           lambda batch, t=trainer: t.train_step(*batch), pyro_scope(None)))
@@ -111,8 +129,82 @@ def main(args) -> dict:
         "emb_dim": args.emb_dim,
         "hidden_dim": args.hidden_dim,
         "out_dim": args.out_dim,
+        "input_feed": args.input_feed,
+        "baseline": args.baseline,
     }
     return emit(result)
+
+
+# ------------------------------------------------------------------------------------------------------- the table
+def _run_name(variant: str, baseline: str, seed: int) -> str:
+    return f"{variant}{'-learned' if baseline == 'learned' else ''}-seed{seed}"
+
+
+def train_run(config: str, variant: str, baseline: str, seed: int, run_dir: Path, progress: bool) -> dict:
+    """One ``ppl-models fit`` of ``config`` with ``model.variant``/``model.baseline``/``train.seed`` set; its
+    metrics and training numbers, written to ``run_dir/summary.json``."""
+    from ppl_models.app.experiment import Experiment
+    from ppl_models.atomic import atomic_write_bytes
+
+    overrides = {"model.variant": variant, "model.baseline": baseline, "train.seed": seed,
+                 "train.progress": progress}
+    experiment = Experiment.from_file(config, overrides, run_dir=run_dir)
+    result, metrics = experiment.fit()
+    summary = dict(metrics.to_metrics(), train_steps=result.step, train_epochs=result.epoch,
+                   train_seconds=result.train_seconds, baseline=baseline, seed=seed)
+    atomic_write_bytes(run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    return summary
+
+
+def table(args) -> dict:
+    """The five-variant perplexity table (module docstring)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = [(v, "soft") for v in args.variants]
+    if args.learned_baseline:
+        rows += [(v, "learned") for v in ("hard", "variational") if v in args.variants]
+    results = {}
+    for variant, baseline in rows:
+        if variant not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        for seed in args.seeds:
+            run_dir = Path(args.run_root) / _run_name(variant, baseline, seed)
+            path = run_dir / "summary.json"
+            if path.is_file():
+                results[(variant, baseline, seed)] = json.loads(path.read_text())
+            elif not args.table_only:
+                results[(variant, baseline, seed)] = train_run(args.config, variant, baseline, seed, run_dir,
+                                                               not args.no_progress)
+    ppl = {}
+    print(f"test perplexity (exact), {args.config}, seeds {args.seeds}; runs in {args.run_root}")
+    print("| variant | baseline | " + " | ".join(f"PPL seed {s}" for s in args.seeds)
+          + " | PPL mean | steps | epochs |")
+    print("|---|---|" + "---|" * (len(args.seeds) + 3))
+    for variant, baseline in rows:
+        found = [results.get((variant, baseline, s)) for s in args.seeds]
+        values = [m["perplexity"] for m in found if m]
+        if values:
+            ppl[(variant, baseline)] = statistics.mean(values)
+        cells = [f"{m['perplexity']:.2f}" if m else "" for m in found]
+        steps = "/".join(str(m["train_steps"]) for m in found if m)
+        epochs = "/".join(str(m["train_epochs"]) for m in found if m)
+        shown = "learned" if baseline == "learned" else ("soft" if variant in ("hard", "variational") else "")
+        mean = f"{ppl[(variant, baseline)]:.2f}" if values else ""
+        print(f"| {variant} | {shown} | " + " | ".join(cells) + f" | {mean} | {steps} | {epochs} |")
+    m = {v: ppl.get((v, "soft"), math.nan) for v in VARIANTS}
+    checks = {
+        "exact ~ variational-enum (within 5 %)": abs(m["exact"] / m["variational-enum"] - 1) <= 0.05,
+        "variational-enum <= variational": m["variational-enum"] <= m["variational"],
+        "variational within 5 % of variational-enum": m["variational"] <= 1.05 * m["variational-enum"],
+        "variational < soft": m["variational"] < m["soft"],
+        "soft < hard": m["soft"] < m["hard"],
+        "hard within 10 % of soft": m["hard"] <= 1.10 * m["soft"],
+    }
+    for name, ok in checks.items():
+        print(f"{'met' if ok else 'NOT met':>8}  {name}")
+    return emit({"benchmark": "alignment_table", "config": args.config, "seeds": args.seeds,
+                 "perplexity": {f"{v}/{b}": x for (v, b), x in ppl.items()}, "checks": checks,
+                 "runs": {_run_name(v, b, s): r.get("perplexity") for (v, b, s), r in results.items()}})
 
 
 if __name__ == "__main__":
@@ -131,4 +223,18 @@ if __name__ == "__main__":
                    help="tiny smoke test (2 rounds x 1 step, small network; with --simulated, vocabularies of 300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    main(p.parse_args())
+    p.add_argument("--input-feed", action="store_true", help="step time: the model with input feeding")
+    p.add_argument("--baseline", default="soft", choices=("soft", "learned"),
+                   help="step time: the score-function baseline of hard and variational (default: %(default)s)")
+    t = p.add_argument_group("the perplexity table (--table)")
+    t.add_argument("--table", action="store_true", help="train the variants at the config's budget and tabulate")
+    t.add_argument("--config", default=str(REPO / "examples" / "configs" / "attention_multi30k.toml"))
+    t.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all five")
+    t.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    t.add_argument("--learned-baseline", action="store_true",
+                   help="also hard and variational with the learned baseline")
+    t.add_argument("--run-root", default="runs/attention_table", help="one run directory per variant and seed")
+    t.add_argument("--table-only", action="store_true", help="only tabulate the runs already finished")
+    t.add_argument("--no-progress", action="store_true")
+    parsed = p.parse_args()
+    table(parsed) if parsed.table else main(parsed)

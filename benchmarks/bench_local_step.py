@@ -123,7 +123,8 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         ("engine_meanfield", "e. engine Trainer.train_step, TraceMeanField_ELBO", "TraceMeanField_ELBO"),
     ):
         inst = fresh_instance(base, "mean-field", num_data)
-        trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False)
+        trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False,
+                          fast_path=False)  # Pyro every step; the fast path's rows follow
         impls.append(Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope()))
     for mode in fast_paths:
         inst = fresh_instance(base, "mean-field", num_data)

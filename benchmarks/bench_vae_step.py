@@ -133,14 +133,16 @@ def build_impls(base: pm.Instance, data: DynamicBinarized, num_data: int, batch_
         ("engine_meanfield", "e. engine Trainer.train_step, TraceMeanField_ELBO", "TraceMeanField_ELBO"),
     ):
         inst = fresh_instance(base, "amortized", num_data)
-        trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False)
+        trainer = Trainer(inst.model, inst.guide, data, elbo=elbo_name, lr=lr, batch_size=batch_size, progress=False,
+                          fast_path=False)  # Pyro every step (bench_fast_path.py measures the fast path)
         impls.append(
             Impl(name, label, lambda batch, t=trainer: t.train_step(batch[0], batch[1]), pyro_scope())
         )
 
     # f. the engine's whole loop (its own batches: shuffling and dynamic binarization included)
     inst = fresh_instance(base, "amortized", num_data)
-    trainer = Trainer(inst.model, inst.guide, data, lr=lr, batch_size=batch_size, progress=False, num_epochs=10**9)
+    trainer = Trainer(inst.model, inst.guide, data, lr=lr, batch_size=batch_size, progress=False, num_epochs=10**9,
+                      fast_path=False)
     impls.append(Impl("engine_fit", "f. engine Trainer.fit (own data, informational)", trainer, pyro_scope(), True))
     return impls
 

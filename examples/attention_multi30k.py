@@ -1,7 +1,8 @@
 """Attention as a latent variable on Multi30k: train the five variants of Deng et al. (2018) and compare them.
 
-    python examples/attention_multi30k.py                          # all five, ~6 min each (the config's budget)
+    python examples/attention_multi30k.py                          # all five, 20 min each (the config's budget)
     python examples/attention_multi30k.py --variants exact soft --max-steps 50
+    python examples/attention_multi30k.py --variants hard variational --baseline learned   # Mnih & Gregor's
     python examples/attention_multi30k.py --config examples/configs/attention_synthetic.toml   # gold alignments
     python examples/attention_multi30k.py --table-only             # the table of runs already in --run-root
 
@@ -10,6 +11,10 @@ Each variant is one ``ppl-models fit`` experiment (``examples/configs/attention_
 (exact test perplexity, the variant's own objective, BLEU of greedy and beam-search translations, alignment accuracy
 on data with gold alignments), alignments.png (prior p(z | x, y<t), posterior p(z | x, y) and q(z | x, y) side by
 side) and translations.txt.  The table (markdown) goes to stdout and ``<run-root>/summary.md``.
+
+The sampled variants (hard, variational) train with Deng et al.'s REINFORCE: the soft-attention baseline and the
+closed-form KL (``--baseline learned``: a learned per-token baseline instead).  The five-variant table over two
+seeds: ``python benchmarks/bench_alignment.py --table --seeds 0 1``.
 
 Data: Multi30k from --data-dir, $PPL_MODELS_DATA, the cache, or a verified download.
 """
@@ -29,7 +34,8 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "attention_multi30k.toml"
 def run_variant(args, variant: str) -> dict:
     overrides = {"model.variant": variant, "train.seed": args.seed, "train.progress": not args.no_progress}
     for flag, key in (("max_steps", "train.max_steps"), ("num_epochs", "train.num_epochs"),
-                      ("time_limit", "train.time_limit"), ("data_dir", "data.data_dir")):
+                      ("time_limit", "train.time_limit"), ("data_dir", "data.data_dir"),
+                      ("baseline", "model.baseline")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     for split in ("train", "test"):
@@ -87,9 +93,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CONFIG), help="experiment TOML (default: %(default)s)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all five")
-    parser.add_argument("--max-steps", type=int, default=None, help="default: the config's (1500)")
-    parser.add_argument("--num-epochs", type=int, default=None, help="default: the config's (10; max_steps stops first)")
-    parser.add_argument("--time-limit", type=float, default=None, help="training seconds per variant (config: 1000)")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the config's (none: time_limit)")
+    parser.add_argument("--num-epochs", type=int, default=None, help="default: the config's (30; time_limit stops first)")
+    parser.add_argument("--time-limit", type=float, default=None, help="training seconds per variant (config: 1200)")
+    parser.add_argument("--baseline", default=None, choices=("soft", "learned"),
+                        help="score-function baseline of hard and variational (config: soft)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training pairs")
     parser.add_argument("--limit-test", type=int, default=None, help="evaluate only the first N test pairs")
     parser.add_argument("--seed", type=int, default=0)

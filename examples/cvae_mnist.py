@@ -21,7 +21,7 @@ import torch
 
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.cvae import complete_images
-from ppl_models.data.quadrants import complete
+from ppl_models.encodings import complete
 from ppl_models.app.experiment import Experiment
 from ppl_models.tasks.plots import plot_image_grid
 

@@ -18,7 +18,7 @@ import pyro.distributions as dist
 import torch
 
 from ppl_models.cvae import GaussianNet, check_inputs
-from ppl_models.data.quadrants import complete
+from ppl_models.encodings import complete
 from ppl_models.registry import register_guide
 from ppl_models.spec import ModelSpec, data_plate
 

@@ -18,7 +18,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from ppl_models.lstm_lm import PAD_INDEX, check_sequences
+from ppl_models.encodings import PAD_INDEX
+from ppl_models.lstm_lm import check_sequences
 from ppl_models.registry import register_guide
 from ppl_models.spec import ModelSpec, data_plate
 

@@ -5,9 +5,11 @@ Generative story, for each sentence pair :math:`(x, y)` with source :math:`x = x
 
 1. source encodings :math:`\tilde x_0 \dots \tilde x_{S-1} = \mathrm{BiGRU}(\mathrm{emb}(x))`
    (``memory``, dimension :math:`2H`);
-2. decoder states :math:`h_t = \mathrm{GRU}(h_{t-1}, \mathrm{emb}(y_{t-1}))`, :math:`y_0` = ``<bos>``, fed the
-   observed previous token (no input feeding, so the alignments below are conditionally independent given
-   :math:`x, y`, as in Deng et al.'s setup);
+2. decoder states :math:`h_t = \mathrm{GRU}(h_{t-1}, [\mathrm{emb}(y_{t-1}); c_{t-1}])`, :math:`y_0` = ``<bos>``,
+   fed the observed previous token and, with ``input_feed`` (Luong et al. 2015), the previous step's *soft*
+   context :math:`c_{t-1} = \mathbb E_{p(z_{t-1})}[\tilde x_{z_{t-1}}]` (:math:`c_0 = 0`; without it the input is
+   :math:`\mathrm{emb}(y_{t-1})` alone).  The fed context is deterministic — never a sampled :math:`z` — so the
+   alignments below stay conditionally independent given :math:`x, y`, as in Deng et al.'s setup;
 3. for each target step :math:`t`, the alignment prior
    :math:`p(z_t = i \mid x, y_{<t}) = \mathrm{softmax}_i(h_t^\top W \tilde x_i)` over the :math:`S` source positions;
 4. the target token :math:`y_t \sim \mathrm{Categorical}(\mathrm{softmax}(O(A h_t + B \tilde x_{z_t}) + c))`,
@@ -28,14 +30,29 @@ Variants (``variant``; each with the objective and guide it trains with, :data:`
     the marginal likelihood :math:`\prod_t \sum_i p(z_t = i)\,p(y_t \mid z_t = i)`: ``TraceEnum_ELBO`` with
     parallel enumeration of every :math:`z_t`, empty guide.
 ``hard``
-    :math:`z_t` sampled from the prior (the guide *is* the prior), score-function gradient with a learned
-    per-token baseline (``TraceGraph_ELBO``; Xu et al. 2015's hard attention).
+    :math:`z_t` sampled from the prior (the guide *is* the prior), score-function gradient
+    (``TraceGraph_ELBO``; Xu et al. 2015's hard attention).
 ``variational``
-    an inference network :math:`q(z_t \mid x, y)` that reads the whole target (:mod:`ppl_models.guides.alignment`), ELBO
-    with REINFORCE (``TraceGraph_ELBO``) and a learned per-token baseline.
+    an inference network :math:`q(z_t \mid x, y)` that reads the whole target (:mod:`ppl_models.guides.alignment`),
+    one :math:`z_t` per step, REINFORCE (``TraceGraph_ELBO``) with :math:`\mathrm{KL}(q(z_t) \| p(z_t))` in closed
+    form.
 ``variational-enum``
     the same :math:`q`, the expectation over each :math:`z_t` computed exactly (``TraceEnum_ELBO`` enumerating
     the guide's :math:`z`): :math:`\sum_i q(z_t = i)[\log p(y_t \mid z_t = i) + \log p(z_t = i) - \log q(z_t = i)]`.
+
+**The score-function baseline of the sampled variants** (``hard``, ``variational``; ``baseline``):
+
+``"soft"`` (Deng et al.'s, the default)
+    the reward of token :math:`t` is :math:`\log p(y_t \mid z_t, h_t) - \log p_{\mathrm{soft}}(y_t \mid x, y_{<t})`,
+    both detached, where :math:`p_{\mathrm{soft}}` is the soft-attention prediction of the same networks (the
+    ``soft`` variant's softmax, sharing the output layer).  The baseline is trained jointly: the model observes
+    :math:`y` a second time through it, the factor ``y_soft`` :math:`= \sum_t \log p_{\mathrm{soft}}(y_t)`, so the
+    objective is :math:`\mathrm{ELBO} + \log p_{\mathrm{soft}}(y \mid x)` (var-attn's ``xent + KL - reward
+    \cdot \log q + xent_baseline``).  The factor does not depend on :math:`z`: it never enters a reward, and
+    :math:`p(y \mid x)` (:func:`log_marginal`, the evaluation) is the latent model's alone.
+``"learned"``
+    a per-token linear baseline of detached features (Mnih & Gregor 2014), trained on the squared error to the
+    reward; no ``y_soft`` factor.
 
 Ragged batches: a plate over sentences (``dim=-2``) and a vectorized plate over target steps (``dim=-1``);
 padded target steps are masked out (``poutine.mask``); padded source positions get prior logit
@@ -44,8 +61,10 @@ a sentence's likelihood.  Every variant defines :math:`p(y \mid x)` exactly (:fu
 own softmax, the latent variants by the sum over alignments.
 
 References:
-    Deng, Kim, Chiu, Guo & Rush (2018), Latent Alignment and Variational Attention. NeurIPS.
+    Deng, Kim, Chiu, Guo & Rush (2018), Latent Alignment and Variational Attention. NeurIPS
+    (and its code, harvardnlp/var-attn: ``onmt/Loss.py``, the soft baseline and the analytic KL).
     Bahdanau, Cho & Bengio (2015), Neural Machine Translation by Jointly Learning to Align and Translate.
+    Luong, Pham & Manning (2015), Effective Approaches to Attention-based Neural Machine Translation (input feeding).
     Xu et al. (2015), Show, Attend and Tell (hard attention with REINFORCE).
     Mnih & Gregor (2014), Neural Variational Inference and Learning in Belief Networks (learned baselines).
     Pyro tutorials: "Inference with Discrete Latent Variables" (TraceEnum_ELBO), "SVI Part III" (TraceGraph_ELBO).
@@ -53,8 +72,6 @@ References:
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -68,22 +85,23 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ppl_models.distributions import TokenCategorical
 from ppl_models.registry import ModelParts, register_model
-from ppl_models.spec import LatentSite, ModelSpec, ObservedSite, ShapeError, check_tensor
+from ppl_models.spec import LatentSite, ModelSpec, ObservedSite, ShapeError, check_tensor, data_plate
 
 __all__ = [
     "VARIANTS",
+    "SAMPLED_VARIANTS",
+    "BASELINES",
     "MASKED_LOGIT",
     "AlignmentNet",
     "AlignedCategorical",
-    "TokenCategorical",
     "States",
     "emission_table",
     "log_marginal",
     "model",
     "build",
     "make_spec",
-    "sentence_plate",
     "check_batch",
 ]
 
@@ -95,6 +113,10 @@ VARIANTS: Dict[str, Tuple[str, str]] = {
     "variational": ("TraceGraph_ELBO", "inference-network"),
     "variational-enum": ("TraceEnum_ELBO", "inference-network"),
 }
+#: the variants that sample z_t and so train with a score-function baseline (``baseline``)
+SAMPLED_VARIANTS = ("hard", "variational")
+#: the score-function baselines of the sampled variants (module docstring)
+BASELINES = ("soft", "learned")
 #: prior logit of a padded source position: exp(-1e4) is exactly 0 in float32 and float64, and stays finite
 #: (a q log q term at a padded position is 0 * finite = 0, never NaN).
 MASKED_LOGIT = -1.0e4
@@ -102,11 +124,12 @@ MASKED_LOGIT = -1.0e4
 
 @dataclass
 class States:
-    """Deterministic quantities of one batch.
+    r"""Deterministic quantities of one batch.
 
     ``memory`` ``(B, S, 2H)``, ``hidden`` ``(B, T, H)``, ``src_mask`` ``(B, S)`` and ``tgt_mask`` ``(B, T)`` (bool,
     real positions), ``prior_logits`` ``(B, T, S)`` (log p(z_t | x, y_<t), normalized, padded positions at
-    :data:`MASKED_LOGIT`).
+    :data:`MASKED_LOGIT`); ``soft_log_lik`` ``(B, T)``: :math:`\log p_{\mathrm{soft}}(y_t)` once
+    :meth:`AlignmentNet.soft_log_lik` computed it (shared by a guide and the model of one ELBO evaluation).
     """
 
     memory: torch.Tensor
@@ -114,6 +137,7 @@ class States:
     src_mask: torch.Tensor
     tgt_mask: torch.Tensor
     prior_logits: torch.Tensor
+    soft_log_lik: Optional[torch.Tensor] = None
 
 
 class AlignmentNet(nn.Module):
@@ -121,31 +145,40 @@ class AlignmentNet(nn.Module):
 
     :param src_vocab_size: source vocabulary size (``<pad>`` = 0).
     :param tgt_vocab_size: target vocabulary size (``<pad>`` = 0, ``<bos>``/``<eos>`` as in
-        :mod:`ppl_models.data.text`).
+        :mod:`ppl_models.encodings`).
     :param emb_dim: word embedding size.
     :param hidden_dim: GRU size :math:`H` (the encoder is bidirectional: memory size :math:`2H`).
     :param variant: one of :data:`VARIANTS`.
     :param bos_index: index of ``<bos>`` in the target vocabulary.
     :param dropout: dropout on embeddings and RNN outputs while training.
     :param out_dim: dimension of the output embedding :math:`O` (``0``: ``hidden_dim``).
+    :param input_feed: feed the previous step's soft context to the decoder (step 2).
+    :param baseline: the score-function baseline of the sampled variants, one of :data:`BASELINES` (ignored by
+        the others).
     """
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, emb_dim: int = 64, hidden_dim: int = 128,
-                 variant: str = "exact", bos_index: int = 2, dropout: float = 0.0, out_dim: int = 0):
+                 variant: str = "exact", bos_index: int = 2, dropout: float = 0.0, out_dim: int = 0,
+                 input_feed: bool = False, baseline: str = "soft"):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"alignment model: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        if baseline not in BASELINES:
+            raise ValueError(f"alignment model: unknown baseline {baseline!r}; valid baselines: {', '.join(BASELINES)}")
+        if not isinstance(input_feed, bool):
+            raise ValueError(f"alignment model: input_feed must be true or false, received {input_feed!r}")
         for name, size in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
             if not isinstance(size, int) or size < 5:
                 raise ValueError(f"alignment model: {name} must be an integer >= 5 (4 specials + a word), "
                                  f"received {size!r}")
         self.variant, self.bos_index = variant, bos_index
+        self.input_feed, self.baseline = input_feed, baseline
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.hidden_dim, self.memory_dim = hidden_dim, 2 * hidden_dim
         self.src_embed = nn.Embedding(src_vocab_size, emb_dim, padding_idx=0)
         self.encoder = nn.GRU(emb_dim, hidden_dim, batch_first=True, bidirectional=True)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, emb_dim, padding_idx=0)
-        self.decoder = nn.GRU(emb_dim, hidden_dim, batch_first=True)
+        self.decoder = nn.GRU(emb_dim + (self.memory_dim if input_feed else 0), hidden_dim, batch_first=True)
         self.score = nn.Linear(hidden_dim, self.memory_dim, bias=False)  # W of h_t^T W x_i
         out_dim = out_dim or hidden_dim
         self.out_hidden = nn.Linear(hidden_dim, out_dim, bias=False)  # A h_t
@@ -169,9 +202,37 @@ class AlignmentNet(nn.Module):
         return torch.cat([bos, tgt[:, :-1]], dim=1)
 
     def decode(self, tgt: torch.Tensor) -> torch.Tensor:
-        """Decoder states ``(B, T, H)``; state ``t`` has read ``<bos>, y_1 .. y_{t-1}``."""
+        """Decoder states ``(B, T, H)`` without input feeding; state ``t`` has read ``<bos>, y_1 .. y_{t-1}``."""
         out, _ = self.decoder(self.dropout(self.tgt_embed(self.decode_inputs(tgt))))
         return self.dropout(out)
+
+    def decode_fed(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor):
+        """With input feeding: decoder states ``(B, T, H)`` and prior logits ``(B, T, S)``, one step at a time
+        (:meth:`step`); state ``t`` has read ``<bos>, y_1 .. y_{t-1}`` and the soft contexts ``c_0 .. c_{t-1}``."""
+        inputs = self.dropout(self.tgt_embed(self.decode_inputs(tgt)))  # (B, T, E)
+        context = memory.new_zeros(tgt.shape[0], self.memory_dim)
+        state, hidden, priors = None, [], []
+        for t in range(tgt.shape[1]):
+            h, state, prior, context = self._step(inputs[:, t], state, context, memory, src_mask)
+            hidden.append(h)
+            priors.append(prior)
+        return torch.stack(hidden, 1), torch.stack(priors, 1)
+
+    def _step(self, emb, state, context, memory, src_mask):
+        x = torch.cat([emb, context], -1) if self.input_feed else emb
+        out, state = self.decoder(x[:, None, :], state)
+        h = self.dropout(out[:, 0])
+        prior = self.prior_logits(h[:, None, :], memory, src_mask)[:, 0]
+        return h, state, prior, torch.bmm(prior.exp()[:, None, :], memory)[:, 0]
+
+    def step(self, token: torch.Tensor, state, context: Optional[torch.Tensor], memory: torch.Tensor,
+             src_mask: torch.Tensor):
+        """One decoder step for decoding: previous tokens ``token`` ``(N,)``, GRU ``state`` (``None`` at the start),
+        the previous soft ``context`` ``(N, 2H)`` (``None``: zeros) -> ``(h_t (N, H), state, prior logits (N, S),
+        soft context c_t (N, 2H))``."""
+        if context is None:
+            context = memory.new_zeros(token.shape[0], self.memory_dim)
+        return self._step(self.dropout(self.tgt_embed(token)), state, context, memory, src_mask)
 
     def prior_logits(self, hidden: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """``log p(z_t = i | x, y_<t)``, shape ``(B, T, S)``, from ``hidden`` ``(B, T, H)`` and ``memory``
@@ -193,8 +254,12 @@ class AlignmentNet(nn.Module):
         src_mask = torch.arange(src.shape[1]) < src_lengths[:, None]
         tgt_mask = torch.arange(tgt.shape[1]) < tgt_lengths[:, None]
         memory = self.encode(src, src_lengths)
-        hidden = self.decode(tgt)
-        states = States(memory, hidden, src_mask, tgt_mask, self.prior_logits(hidden, memory, src_mask))
+        if self.input_feed:
+            hidden, prior_logits = self.decode_fed(tgt, memory, src_mask)
+        else:
+            hidden = self.decode(tgt)
+            prior_logits = self.prior_logits(hidden, memory, src_mask)
+        states = States(memory, hidden, src_mask, tgt_mask, prior_logits)
         if keep:
             self._cache = (key, stamp, states)
         return states
@@ -217,6 +282,13 @@ class AlignmentNet(nn.Module):
         """The soft variant's logits ``(B, T, V)``: ``O(A h_t + B E_p[x_z]) + c``."""
         context = torch.bmm(states.prior_logits.exp(), states.memory)
         return self.out(self.out_hidden(states.hidden) + self.out_memory(context))
+
+    def soft_log_lik(self, states: States, tgt: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p_{\mathrm{soft}}(y_t \mid x, y_{<t})` ``(B, T)`` (the soft variant's, or the soft baseline
+        of the sampled ones), computed once per :class:`States` (``states.soft_log_lik``)."""
+        if states.soft_log_lik is None:
+            states.soft_log_lik = TokenCategorical(self.soft_logits(states), validate_args=False).log_prob(tgt)
+        return states.soft_log_lik
 
 
 def emission_table(hidden_proj: torch.Tensor, memory_proj: torch.Tensor, out: nn.Linear,
@@ -286,41 +358,6 @@ class _LogNormalizer(torch.autograd.Function):
         return grad_a.to(ctx.dtype), grad_b.to(ctx.dtype)
 
 
-class TokenCategorical(TorchDistribution):
-    """``Categorical(logits=logits)`` over a large vocabulary whose ``log_prob`` is one fused log-softmax and gather
-    (``cross_entropy``), without normalizing the whole ``(..., V)`` logits at construction as torch's does.
-
-    :param logits: unnormalized logits, ``batch_shape + (V,)``.
-    """
-
-    arg_constraints: dict = {}
-
-    def __init__(self, logits: torch.Tensor, validate_args=None):
-        self.logits = logits
-        super().__init__(logits.shape[:-1], torch.Size(), validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
-
-    def expand(self, batch_shape, _instance=None):
-        return TokenCategorical(self.logits.expand(*batch_shape, self.logits.shape[-1]))
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        logits = self.logits
-        if value.shape != logits.shape[:-1]:
-            shape = torch.broadcast_shapes(value.shape, logits.shape[:-1])
-            logits, value = logits.expand(*shape, logits.shape[-1]), value.expand(shape)
-        flat = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), value.reshape(-1), reduction="none")
-        return -flat.reshape(value.shape)
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return dist.Categorical(logits=self.logits).sample(sample_shape)
-
-
 class AlignedCategorical(TorchDistribution):
     r""":math:`y_t \sim \mathrm{Categorical}(\mathrm{softmax}(O(u_t + v_{z_t}) + c))` for alignments ``z``.
 
@@ -368,7 +405,8 @@ class AlignedCategorical(TorchDistribution):
             self._validate_sample(value)
         rows, steps = self._indices()
         if self.z.shape == self.hidden_proj.shape[:-1] and value.shape == self.z.shape:
-            return TokenCategorical(self.out(self.hidden_proj + self.memory_proj[rows, self.z])).log_prob(value)
+            logits = self.out(self.hidden_proj + self.memory_proj[rows, self.z])
+            return TokenCategorical(logits, validate_args=False).log_prob(value)  # value checked above
         return Vindex(emission_table(self.hidden_proj, self.memory_proj, self.out, value))[rows, steps, self.z]
 
     def sample(self, sample_shape=torch.Size()):
@@ -383,20 +421,6 @@ def make_spec() -> ModelSpec:
         data_plate="sentences",
         local_latents=(LatentSite("z", (), constraints.nonnegative_integer),),
     )
-
-
-def sentence_plate(batch: int, idx: torch.Tensor | None, num_data: int | None):
-    """The plate over sentence pairs (``dim=-2``; the target steps' plate is ``dim=-1``); with ``idx`` the batch is
-    a subsample of ``num_data`` pairs and log-densities are scaled by ``num_data / batch``."""
-    if idx is None:
-        if num_data is not None and num_data != batch:
-            raise ValueError(f"plate 'sentences': num_data={num_data} differs from the batch size {batch}, "
-                             "so the batch's indices idx are required")
-        return pyro.plate("sentences", batch, dim=-2)
-    check_tensor("idx", idx, event_shape=(), dtype_kind="int")
-    if idx.shape[0] != batch:
-        raise ValueError(f"plate 'sentences': idx has {idx.shape[0]} entries but the batch has {batch} sentences")
-    return pyro.plate("sentences", batch if num_data is None else num_data, subsample=idx, dim=-2)
 
 
 def check_batch(net: AlignmentNet, src, src_lengths, tgt, tgt_lengths) -> None:
@@ -438,10 +462,15 @@ def model(src: torch.Tensor, src_lengths: torch.Tensor, tgt: torch.Tensor, tgt_l
     pyro.module("net", net)
     states = net.states(src, src_lengths, tgt, tgt_lengths)
     batch, steps = tgt.shape
-    with sentence_plate(batch, idx, num_data), pyro.plate("steps", steps, dim=-1), poutine.mask(mask=states.tgt_mask):
+    sentences = data_plate(tgt, idx, num_data, name="sentences", dim=-2)
+    with sentences, pyro.plate("steps", steps, dim=-1), poutine.mask(mask=states.tgt_mask):
         if net.variant == "soft":
-            pyro.sample("y", TokenCategorical(net.soft_logits(states)), obs=tgt)
+            # validate_args=False: check_batch checked tgt, and checking the (B, T, V) logits costs about as much
+            # as the fused log-softmax itself
+            pyro.sample("y", TokenCategorical(net.soft_logits(states), validate_args=False), obs=tgt)
             return
+        if net.variant in SAMPLED_VARIANTS and net.baseline == "soft":  # the soft baseline, trained jointly
+            pyro.factor("y_soft", net.soft_log_lik(states, tgt))
         infer = {"enumerate": "parallel"} if net.variant == "exact" else {}
         z = pyro.sample("z", dist.Categorical(logits=states.prior_logits), infer=infer)
         pyro.sample("y", AlignedCategorical(net.out_hidden(states.hidden), net.out_memory(states.memory), net.out, z),
@@ -480,439 +509,11 @@ def log_marginal(net: AlignmentNet, src, src_lengths, tgt, tgt_lengths) -> Dict[
 
 
 def build(src_vocab_size: int = 0, tgt_vocab_size: int = 0, variant: str = "exact", emb_dim: int = 64,
-          hidden_dim: int = 128, out_dim: int = 0, dropout: float = 0.0, bos_index: int = 2) -> ModelParts:
+          hidden_dim: int = 128, out_dim: int = 0, dropout: float = 0.0, bos_index: int = 2, input_feed: bool = False,
+          baseline: str = "soft") -> ModelParts:
     """The declared structure and the network ``net`` (vocabulary sizes come from the data set)."""
     return ModelParts(make_spec(), {"net": AlignmentNet(src_vocab_size, tgt_vocab_size, emb_dim, hidden_dim, variant,
-                                                        bos_index, dropout, out_dim)})
+                                                        bos_index, dropout, out_dim, input_feed, baseline)})
 
 
 register_model("alignment", model=model, build=build)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation, decoding, alignment output
-# ---------------------------------------------------------------------------------------------------------------
-#: Which alignment distribution :func:`alignment_argmax` reads: ``auto`` is the exact posterior p(z_t | x, y) for the
-#: latent variants and the attention weights p(z_t | x, y_<t) for ``soft`` (which has no latent alignment).
-ALIGN_SOURCES = ("auto", "posterior", "prior", "guide")
-
-
-def _eval_batches(dataset, batch_size: int):
-    """Index batches of similar lengths, in a fixed order (evaluation needs no shuffling)."""
-    order = sorted(range(dataset.num_data), key=lambda i: (len(dataset.src[i]), len(dataset.tgt[i])))
-    for start in range(0, len(order), batch_size):
-        yield torch.tensor(order[start : start + batch_size])
-
-
-def _guide_q_logits(guide_modules: dict, states: States, tgt, tgt_lengths):
-    inference = guide_modules.get("inference") if guide_modules else None
-    if inference is None:
-        return None
-    return inference(states.memory, states.src_mask, tgt, tgt_lengths)[0]
-
-
-@dataclass
-class AlignmentEval:
-    """Evaluation of a latent-alignment model on one split (see :func:`evaluate_alignment`)."""
-
-    metrics: dict
-
-    def to_metrics(self) -> dict:
-        return dict(self.metrics)
-
-    def save(self, run_dir) -> None:
-        import json
-        from pathlib import Path
-
-        from ppl_models.atomic import atomic_write_bytes
-
-        text = json.dumps(self.metrics, indent=1).encode()
-        atomic_write_bytes(Path(run_dir) / "metrics.json", lambda f: f.write(text))
-
-
-@torch.no_grad()
-def evaluate_alignment(net: AlignmentNet, dataset, *, guide_modules: Optional[dict] = None, batch_size: int = 64,
-                       split: str = "test") -> AlignmentEval:
-    r"""Exact evaluation on a :class:`~ppl_models.data.parallel.ParallelText` (no sampling anywhere).
-
-    * ``nll_per_token`` and ``perplexity`` :math:`= \exp(-\sum \log p(y \mid x) / \#\text{tokens})`, tokens
-      including one ``<eos>`` per sentence, with the exact :math:`p(y \mid x)` of the variant (:func:`log_marginal`);
-    * ``elbo_per_token`` — the variant's own training objective computed exactly: soft and exact: the
-      log-likelihood; hard: :math:`\sum_t \mathbb E_{p(z_t)}[\log p(y_t \mid z_t)]`; variational*:
-      :math:`\sum_t \mathbb E_{q}[\log p(y_t, z_t) - \log q(z_t)]`;
-    * with gold alignments (``dataset.alignments``): ``align_accuracy_posterior`` (argmax of
-      :math:`p(z_t \mid x, y)`), ``align_accuracy_prior`` (argmax of :math:`p(z_t \mid x, y_{<t})`) and, with an
-      inference network, ``align_accuracy_guide`` (argmax of :math:`q`), over target tokens (``<eos>`` excluded).
-    """
-    was_training = net.training
-    net.eval()
-    if guide_modules:
-        for m in guide_modules.values():
-            m.eval()
-    start = time.perf_counter()
-    total_ll, total_elbo, tokens = 0.0, 0.0, 0
-    ll_sent = []
-    correct = {"posterior": 0, "prior": 0, "guide": 0}
-    gold_total = 0
-    for idx in _eval_batches(dataset, batch_size):
-        src, src_lengths, tgt, tgt_lengths = dataset.batch(idx)
-        out = log_marginal(net, src, src_lengths, tgt, tgt_lengths)
-        mask = out["mask"]
-        ll = out["log_lik"].sum(-1)
-        ll_sent += ll.tolist()
-        total_ll += float(ll.sum())
-        tokens += int(mask.sum())
-        q_logits = _guide_q_logits(guide_modules, out["states"], tgt, tgt_lengths)
-        prior, emission = out["log_prior"], out["log_emission"]
-        if net.variant in ("soft", "exact"):
-            elbo = out["log_lik"]
-        elif net.variant == "hard":
-            elbo = (prior.exp() * emission).sum(-1)
-        elif q_logits is not None:
-            elbo = (q_logits.exp() * (prior + emission - q_logits)).sum(-1)
-        else:
-            elbo = torch.full_like(out["log_lik"], float("nan"))
-        total_elbo += float(elbo.masked_fill(~mask, 0.0).sum())
-        if getattr(dataset, "alignments", None) is not None:
-            guesses = {"posterior": out["log_posterior"].argmax(-1), "prior": prior.argmax(-1)}
-            if q_logits is not None:
-                guesses["guide"] = q_logits.argmax(-1)
-            for row, i in enumerate(idx.tolist()):
-                for src_pos, tgt_pos in dataset.alignments[i]:
-                    gold_total += 1
-                    for name, guess in guesses.items():
-                        correct[name] += int(guess[row, tgt_pos]) == src_pos
-    net.train(was_training)
-    nll = -total_ll / tokens
-    metrics = {
-        "model": "alignment",
-        "variant": net.variant,
-        "split": split,
-        "num_data": dataset.num_data,
-        "num_tokens": tokens,
-        "nll_per_token": nll,
-        "perplexity": math.exp(nll),
-        "nll_per_sentence": -total_ll / dataset.num_data,
-        "elbo_per_token": total_elbo / tokens,
-        "likelihood": "exact: soft's own softmax" if net.variant == "soft" else "exact: sum over alignments",
-        "wall_time_s": time.perf_counter() - start,
-    }
-    if gold_total:
-        for name, count in correct.items():
-            if name != "guide" or _has_inference(guide_modules):
-                metrics[f"align_accuracy_{name}"] = count / gold_total
-    return AlignmentEval(metrics)
-
-
-def _has_inference(guide_modules) -> bool:
-    return bool(guide_modules) and guide_modules.get("inference") is not None
-
-
-@torch.no_grad()
-def alignment_argmax(net: AlignmentNet, src, src_lengths, tgt, tgt_lengths, *, source: str = "auto",
-                     guide_modules: Optional[dict] = None) -> torch.Tensor:
-    """The most probable source position for each target step, ``(B, T)`` (see :data:`ALIGN_SOURCES`)."""
-    if source not in ALIGN_SOURCES:
-        raise ValueError(f"alignment source: expected one of {ALIGN_SOURCES}, received {source!r}")
-    out = log_marginal(net, src, src_lengths, tgt, tgt_lengths)
-    if source == "auto":
-        source = "prior" if net.variant == "soft" else "posterior"
-    if source == "guide":
-        q_logits = _guide_q_logits(guide_modules, out["states"], tgt, tgt_lengths)
-        if q_logits is None:
-            raise ValueError(f"alignment source 'guide': variant {net.variant!r} has no inference network q(z | x, y)")
-        return q_logits.argmax(-1)
-    return out[f"log_{source}"].argmax(-1)
-
-
-def pharaoh_lines(net: AlignmentNet, dataset, *, source: str = "auto", guide_modules: Optional[dict] = None,
-                  batch_size: int = 64):
-    """One Pharaoh line per sentence pair, in file order: ``i-j`` pairs (0-based source position ``i`` aligned to
-    target token ``j``), one per target token (``<eos>`` excluded), space-separated."""
-    was_training = net.training
-    net.eval()
-    lines = [""] * dataset.num_data
-    for idx in _eval_batches(dataset, batch_size):
-        batch = dataset.batch(idx)
-        best = alignment_argmax(net, *batch, source=source, guide_modules=guide_modules)
-        for row, i in enumerate(idx.tolist()):
-            n = len(dataset.tgt[i]) - 1
-            lines[i] = " ".join(f"{int(best[row, j])}-{j}" for j in range(n))
-    net.train(was_training)
-    return lines
-
-
-# ----------------------------------------------------------------------------------------------------- decoding
-def _step_log_probs(net: AlignmentNet, memory, src_mask, hidden):
-    """``log p(y_t | x, y_<t)`` ``(N, V)`` and the attention ``(N, S)`` for decoder outputs ``hidden`` ``(N, H)``."""
-    prior = net.prior_logits(hidden[:, None, :], memory, src_mask)[:, 0]  # (N, S)
-    if net.variant == "soft":
-        context = torch.bmm(prior.exp()[:, None, :], memory)[:, 0]
-        return net.out(net.out_hidden(hidden) + net.out_memory(context)).log_softmax(-1), prior
-    a = net.logits_hidden(hidden)[:, None, :]  # (N, 1, V)
-    b = net.logits_memory(memory)  # (N, S, V)
-    return (prior[..., None] + (a + b).log_softmax(-1)).logsumexp(1), prior
-
-
-@torch.no_grad()
-def greedy_decode(net: AlignmentNet, src, src_lengths, max_len: int = 60, eos_index: int = 3):
-    """Greedy translations: a list of index lists (``<eos>`` removed), one per source sentence; at most
-    ``min(max_len, 2 S + 10)`` tokens for the batch's longest source length ``S``."""
-    net.eval()
-    max_len = min(max_len, 2 * int(src_lengths.max()) + 10)
-    memory = net.encode(src, src_lengths)
-    src_mask = torch.arange(src.shape[1]) < src_lengths[:, None]
-    batch = src.shape[0]
-    token = torch.full((batch,), net.bos_index, dtype=torch.long)
-    state = None
-    out = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(max_len):
-        hidden, state = net.decoder(net.tgt_embed(token)[:, None, :], state)
-        log_probs, _ = _step_log_probs(net, memory, src_mask, hidden[:, 0])
-        token = log_probs.argmax(-1)
-        for i in range(batch):
-            if not done[i]:
-                if int(token[i]) == eos_index:
-                    done[i] = True
-                else:
-                    out[i].append(int(token[i]))
-        if bool(done.all()):
-            break
-    return out
-
-
-@torch.no_grad()
-def beam_decode(net: AlignmentNet, src, src_length: int, beam_size: int = 5, max_len: int = 60, eos_index: int = 3):
-    """Beam search for one source sentence ``src`` ``(S,)``: the finished hypothesis of highest log-probability
-    (``<eos>`` removed), at most ``min(max_len, 2 S + 10)`` tokens.  Search stops when no live hypothesis scores above
-    the best finished one (scores only fall)."""
-    net.eval()
-    max_len = min(max_len, 2 * src_length + 10)
-    src = src[None, :src_length]
-    memory = net.encode(src, torch.tensor([src_length]))
-    src_mask = torch.ones(1, src_length, dtype=torch.bool)
-    beams = [([], 0.0, None, net.bos_index)]  # (tokens, score, decoder state, last token)
-    best = None  # (tokens, score) of the best finished hypothesis
-    for _ in range(max_len):
-        tokens = torch.tensor([b[3] for b in beams])
-        states = None if beams[0][2] is None else torch.cat([b[2] for b in beams], dim=1)
-        hidden, new_state = net.decoder(net.tgt_embed(tokens)[:, None, :], states)
-        k = len(beams)
-        log_probs, _ = _step_log_probs(net, memory.expand(k, -1, -1), src_mask.expand(k, -1), hidden[:, 0])
-        scores = torch.tensor([b[1] for b in beams])[:, None] + log_probs
-        top, flat = scores.flatten().topk(min(beam_size + 1, scores.numel()))
-        candidates = []
-        for score, f in zip(top.tolist(), flat.tolist()):
-            b, v = divmod(f, log_probs.shape[1])
-            if v == eos_index:
-                if best is None or score > best[1]:
-                    best = (beams[b][0], score)
-            elif len(candidates) < beam_size:
-                candidates.append((beams[b][0] + [v], score, new_state[:, b : b + 1], v))
-        if not candidates or (best is not None and candidates[0][1] <= best[1]):
-            break
-        beams = candidates
-    if best is None:
-        best = max(((b[0], b[1]) for b in beams), key=lambda h: h[1])
-    return best[0]
-
-
-def corpus_bleu(hypotheses, references, max_n: int = 4) -> float:
-    """Corpus BLEU (Papineni et al. 2002) in percent, one reference per sentence, no smoothing, on token lists."""
-    from collections import Counter
-
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        hyp_len += len(hyp)
-        ref_len += len(ref)
-        for n in range(1, max_n + 1):
-            h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
-            r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += max(0, len(hyp) - n + 1)
-    if min(matches) == 0 or hyp_len == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = min(0.0, 1.0 - ref_len / hyp_len)
-    return 100.0 * math.exp(log_precision + brevity)
-
-
-# ----------------------------------------------------------------------------------------------------- heatmaps
-@torch.no_grad()
-def plot_alignments(net: AlignmentNet, dataset, path, *, guide_modules: Optional[dict] = None, rows=(0, 1, 2),
-                    title: str = ""):
-    """PNG: for each sentence pair in ``rows``, the prior p(z_t | x, y_<t), the posterior p(z_t | x, y) and, with an
-    inference network, q(z_t | x, y), side by side (target steps down, source positions across; grey scale from 0 to
-    each panel's largest probability)."""
-    from ppl_models.tasks.plots import plt, save_figure
-
-    rows = [r for r in rows if r < dataset.num_data]
-    idx = torch.tensor(rows)
-    src, src_lengths, tgt, tgt_lengths = dataset.batch(idx)
-    net.eval()
-    out = log_marginal(net, src, src_lengths, tgt, tgt_lengths)
-    panels = [("prior p(z | x, y<t)", out["log_prior"]), ("posterior p(z | x, y)", out["log_posterior"])]
-    q_logits = _guide_q_logits(guide_modules, out["states"], tgt, tgt_lengths)
-    if q_logits is not None:
-        panels.append(("inference network q(z | x, y)", q_logits))
-    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.2 * len(panels), 3.6 * len(rows)), squeeze=False)
-    for r, i in enumerate(rows):
-        s_tok = dataset.src_vocab.decode(dataset.src[i], strip_specials=False)
-        t_tok = dataset.tgt_vocab.decode(dataset.tgt[i], strip_specials=False)
-        for c, (name, logits) in enumerate(panels):
-            ax = axes[r][c]
-            probs = logits[r, : len(t_tok), : len(s_tok)].exp().numpy()
-            image = ax.imshow(probs, vmin=0, vmax=max(float(probs.max()), 1e-12), cmap="Greys", aspect="auto")
-            ax.set_xticks(range(len(s_tok)), s_tok, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(t_tok)), t_tok, fontsize=7)
-            if r == 0:
-                ax.set_title(name, fontsize=9)
-            fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.suptitle(title or f"alignments ({net.variant})")
-    return save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------------- runs
-def resolve_config(config):
-    """``resolve`` hook: the variant fixes ``[train].elbo`` and the guide (:data:`VARIANTS`).
-
-    Left at their defaults (``Trace_ELBO``, no guide name) they are filled in; set to anything else they are an
-    error naming the right ones (``variational-enum`` also accepts the ``exact-posterior`` guide).  ``[guide]``
-    ``emb_dim`` and ``hidden_dim`` size the inference network and are dropped for the variants without one, so one
-    configuration serves all five.
-    """
-    import dataclasses
-
-    from ppl_models.app.config import ConfigError
-
-    variant = config.model.hparams.get("variant", "exact")
-    if variant not in VARIANTS:
-        raise ConfigError(f"[model].variant: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
-    elbo, guide = VARIANTS[variant]
-    guides = (guide, "exact-posterior") if variant == "variational-enum" else (guide,)
-    if config.train.elbo not in ("Trace_ELBO", elbo):
-        raise ConfigError(f"variant {variant!r} trains with [train].elbo = {elbo!r}, received {config.train.elbo!r}")
-    if config.guide.name not in (None, *guides):
-        raise ConfigError(f"variant {variant!r} trains with [guide].name = {guide!r}, received {config.guide.name!r}")
-    if config.train.strategy is not None:
-        raise ConfigError(f"the alignment model takes no [train].strategy, received {config.train.strategy!r}")
-    train = dataclasses.replace(config.train, elbo=elbo)
-    name = config.guide.name or guide
-    hparams = dict(config.guide.hparams)
-    if name != "inference-network":  # [guide] emb_dim / hidden_dim size the inference network only
-        for key in ("emb_dim", "hidden_dim"):
-            hparams.pop(key, None)
-    guide_cfg = dataclasses.replace(config.guide, name=name, hparams=hparams)
-    return dataclasses.replace(config, train=train, guide=guide_cfg)
-
-
-def _guide_modules(instance) -> dict:
-    return {k: m for k, m in instance.modules.items() if k != "net"}
-
-
-def evaluate_hook(experiment, instance, dataset, split: str) -> AlignmentEval:
-    """``evaluate`` hook: :func:`evaluate_alignment`, plus the heatmap PNG and greedy translations with BLEU."""
-    net = instance.modules["net"]
-    guide_modules = _guide_modules(instance)
-    if hasattr(dataset, "base") and not hasattr(dataset, "src"):  # [data] limit_<split>: the first rows
-        dataset = dataset.base.head(dataset.num_data)
-    result = evaluate_alignment(net, dataset, guide_modules=guide_modules, split=split,
-                                batch_size=experiment.config.evaluate.batch_size)
-    run_dir = experiment.run_dir
-    if experiment.config.output.plots:
-        plot_alignments(net, dataset, run_dir / "alignments.png", guide_modules=guide_modules,
-                        title=f"{net.variant}: {split} sentences 0-2")
-    result.metrics.update(translate_split(net, dataset, run_dir / "translations.txt"))
-    return result
-
-
-@torch.no_grad()
-def translate_split(net: AlignmentNet, dataset, path=None, *, beam_size: int = 5, num_beam: int = 100,
-                    batch_size: int = 64) -> dict:
-    """Greedy translations of the whole split and beam search on its first ``num_beam`` sentences; corpus BLEU of
-    both (against the one reference, on tokens, ``<unk>`` counted as a token); the first 20 written to ``path``."""
-    start = time.perf_counter()
-    vocab = dataset.tgt_vocab
-    greedy = [None] * dataset.num_data
-    for idx in _eval_batches(dataset, batch_size):
-        src, src_lengths, _, _ = dataset.batch(idx)
-        for i, hyp in zip(idx.tolist(), greedy_decode(net, src, src_lengths, eos_index=vocab.eos_index)):
-            greedy[i] = hyp
-    n_beam = min(num_beam, dataset.num_data)
-    beam = [beam_decode(net, torch.tensor(dataset.src[i]), len(dataset.src[i]), beam_size, eos_index=vocab.eos_index)
-            for i in range(n_beam)]
-    refs = [t[:-1] for t in dataset.tgt]
-    out = {
-        "bleu_greedy": corpus_bleu(greedy, refs),
-        "bleu_beam": corpus_bleu(beam, refs[:n_beam]),
-        "bleu_greedy_same_sentences": corpus_bleu(greedy[:n_beam], refs[:n_beam]),
-        "beam_size": beam_size,
-        "num_beam_sentences": n_beam,
-        "decode_wall_time_s": time.perf_counter() - start,
-    }
-    if path is not None:
-        from pathlib import Path
-
-        from ppl_models.atomic import atomic_write_bytes
-
-        lines = []
-        for i in range(min(20, n_beam)):
-            lines += [f"src:    {' '.join(dataset.src_vocab.decode(dataset.src[i]))}",
-                      f"ref:    {' '.join(vocab.decode(dataset.tgt[i]))}",
-                      f"greedy: {' '.join(vocab.decode(greedy[i]))}",
-                      f"beam{beam_size}:  {' '.join(vocab.decode(beam[i]))}", ""]
-        text = "\n".join(lines).encode()
-        atomic_write_bytes(Path(path), lambda f: f.write(text))
-    return out
-
-
-def load_trained(run_dir):
-    """``(experiment, splits, instance)`` of a run directory, its newest checkpoint loaded."""
-    from ppl_models.app.experiment import Experiment, _data_model_kwargs
-    from ppl_models.infer.checkpoint import CheckpointError
-
-    experiment = Experiment.from_run_dir(run_dir, {"train.progress": False})
-    if experiment.config.model.name != "alignment":
-        raise ValueError(f"{run_dir} holds a {experiment.config.model.name!r} run, not an alignment model")
-    experiment.resolve_model_hooks()
-    splits = experiment.load_data()
-    instance = experiment.build(splits["train"].num_data, _data_model_kwargs(splits))
-    trainer = experiment.trainer(splits, instance, progress=False)
-    if trainer.resume() is None:
-        raise CheckpointError(f"{experiment.run_dir / 'checkpoints'} holds no readable checkpoint")
-    return experiment, splits, instance
-
-
-def align_files(run_dir, src_path, tgt_path, out_path=None, *, source: str = "auto", max_len: int = 200) -> list:
-    """Pharaoh alignments of the pairs in ``src_path``/``tgt_path`` by the trained run in ``run_dir``
-    (:func:`pharaoh_lines`); written atomically to ``out_path`` when given.  Unknown tokens become ``<unk>``;
-    an empty line, a line-count mismatch or a sentence over ``max_len`` tokens is an error naming the line."""
-    from ppl_models.data.parallel import encode_pairs
-    from ppl_models.data.text import read_parallel
-
-    _, splits, instance = load_trained(run_dir)
-    train = splits["train"]
-    train = getattr(train, "base", train)
-    s_tok, t_tok = read_parallel(src_path, tgt_path)
-    data = encode_pairs(s_tok, t_tok, train.src_vocab, train.tgt_vocab, max_len=max_len,
-                        where=(str(src_path), str(tgt_path)))
-    lines = pharaoh_lines(instance.modules["net"], data, source=source, guide_modules=_guide_modules(instance))
-    if out_path is not None:
-        from pathlib import Path
-
-        from ppl_models.atomic import atomic_write_bytes
-
-        text = "".join(line + "\n" for line in lines).encode()
-        atomic_write_bytes(Path(out_path), lambda f: f.write(text))
-    return lines
-
-
-def _register_hooks() -> None:
-    from ppl_models.app.experiment import register_model_hooks
-
-    register_model_hooks("alignment", resolve=resolve_config, evaluate=evaluate_hook)
-
-
-_register_hooks()

@@ -39,7 +39,10 @@ def atomic_path(path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the clean-up never masks the error that caused it (e.g. a read-only directory)
         raise
     _fsync_dir(path.parent)
 

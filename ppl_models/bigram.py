@@ -18,7 +18,7 @@ probabilities are its mean, the posterior predictive (MacKay & Peto 1995)
 held by :class:`BigramTransitions` (:meth:`BigramTransitions.fit`; :math:`\alpha` chosen on validation data by
 :meth:`BigramTransitions.choose_alpha`).  With :math:`\alpha \to 0` this is the maximum-likelihood bigram, which
 gives unseen test bigrams probability zero.  The Pyro model then has only the observed site ``x``; its
-log-likelihood is exact (the evaluator needs one sample with :func:`ppl_models.lstm_lm.empty_guide`).
+log-likelihood is exact (the evaluator needs one sample with the empty guide, :mod:`ppl_models.guides.bigram`).
 
 Counts are stored sparsely (rows of a CSR table), so the 10k x 10k transition matrix is never materialized;
 the model builds the ``(batch, T, V)`` rows it needs.
@@ -37,16 +37,10 @@ import pyro
 import torch
 from torch import nn
 
-from ppl_models.lstm_lm import (
-    BOS_INDEX,
-    PAD_INDEX,
-    TokenCategorical,
-    check_sequences,
-    empty_guide,
-    sequence_spec,
-    shift_inputs,
-)
-from ppl_models.registry import ModelParts, register_guide, register_model
+from ppl_models.distributions import TokenCategorical
+from ppl_models.encodings import BOS_INDEX, PAD_INDEX
+from ppl_models.lstm_lm import check_sequences, sequence_spec, shift_inputs
+from ppl_models.registry import ModelParts, register_model
 from ppl_models.spec import data_plate
 
 __all__ = ["BigramTransitions", "model", "build"]
@@ -173,9 +167,4 @@ def build(vocab_size: int = 10002, alpha: float = 1.0, max_len: int = 100) -> Mo
                       modules={"transitions": BigramTransitions(vocab_size, alpha)})
 
 
-def _no_networks(spec, num_data=None):
-    return {}
-
-
 register_model("bigram", model=model, build=build)
-register_guide("empty", model="bigram", guide=empty_guide, build=_no_networks)

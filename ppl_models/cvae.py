@@ -6,8 +6,9 @@ the missing ones :math:`y` (``num_missing`` grey levels in [0, 1]).  For each da
 ``cvae`` — the conditional deep generative model, built on top of the baseline as in Pyro's ``examples/cvae``:
 
 1. :math:`\hat y_i = \sigma(\mathrm{NN}(x_i))`, the trained baseline's guess, held fixed (optional,
-   ``baseline_run``); :math:`\tilde x_i` = :math:`x_i` with its missing pixels filled by :math:`\hat y_i`
-   (without a baseline they keep the value ``-1``)
+   ``baseline_net``; in a run, ``[model] baseline_run`` names the baseline's run directory and
+   :mod:`ppl_models.tasks.cvae` loads it); :math:`\tilde x_i` = :math:`x_i` with its missing pixels filled by
+   :math:`\hat y_i` (without a baseline they keep the value ``-1``)
 2. prior network: :math:`z_i \mid x_i \sim \mathcal{N}(z\_loc(\tilde x_i), \mathrm{diag}\,z\_scale(\tilde x_i)^2)`,
    :math:`z_i \in \mathbb{R}^{z\_dim}`
 3. generation network: :math:`y_i \mid x_i, z_i \sim \mathrm{Bernoulli}(\sigma(\ell_i))`, independently per
@@ -27,7 +28,8 @@ importance sampling with :math:`q_\phi` as proposal (:func:`ppl_models.infer.eva
    variable, so its log-likelihood is exact (the masked binary cross-entropy of Pyro's ``MaskedBCELoss``).
    Its guide is ``"none"`` in :mod:`ppl_models.guides.cvae` (no latent sites).
 
-Shapes: ``x_obs`` is ``(batch, side * side)`` with ``-1`` at the missing pixels, ``y`` is ``(batch, num_missing)``.
+Shapes: ``x_obs`` is ``(batch, side * side)`` with ``-1`` at the missing pixels, ``y`` is ``(batch, num_missing)``
+(the quadrant layout of :mod:`ppl_models.encodings`).
 
 References:
     Sohn, Lee & Yan (2015), Learning Structured Output Representation using Deep Conditional
@@ -37,7 +39,6 @@ References:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import pyro
@@ -47,8 +48,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from ppl_models.data.quadrants import MASKED, complete, missing_mask
-from ppl_models.infer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ppl_models.encodings import MASKED, complete, missing_mask
 from ppl_models.registry import ModelParts, register_model
 from ppl_models.spec import LatentSite, ModelSpec, ObservedSite, ShapeError, check_tensor, data_plate
 from ppl_models.vae import mlp
@@ -63,7 +63,6 @@ __all__ = [
     "baseline_model",
     "build",
     "build_baseline",
-    "load_baseline",
     "complete_images",
 ]
 
@@ -231,52 +230,34 @@ def _spec(name: str, layout: _Layout, z_dim: int | None) -> ModelSpec:
     return ModelSpec(name, ObservedSite("y", (layout.num_missing,), constraints.unit_interval), "data", latents)
 
 
-def load_baseline(run_dir: str, num_quadrant_inputs: int, hidden_dims: Sequence[int], side: int) -> BaselineNet:
-    """The baseline network of the newest checkpoint of a ``cvae-baseline`` run directory."""
-    directory = Path(run_dir) / "checkpoints"
-    path = latest_checkpoint(directory) if directory.is_dir() else None
-    if path is None:
-        raise CheckpointError(
-            f"model 'cvae' hyperparameter baseline_run={run_dir!r}: expected a trained 'cvae-baseline' run "
-            f"directory, but {directory} holds no checkpoint (train the baseline first, or set baseline_run = \"\")"
-        )
-    net = BaselineNet(num_quadrant_inputs, hidden_dims, side)
-    prefix = "baseline_net$$$"
-    state = {k[len(prefix):]: v for k, v in load_checkpoint(path)["params"].items() if k.startswith(prefix)}
-    expected = net.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
-        raise CheckpointError(
-            f"baseline checkpoint {path}: expected a baseline for {num_quadrant_inputs} observed quadrant(s) with "
-            f"hidden_dims={list(hidden_dims)} (parameters {({k: tuple(v.shape) for k, v in expected.items()})}), "
-            f"received parameters {shapes}"
-        )
-    net.load_state_dict(state)
-    net.requires_grad_(False)
-    return net.eval()
-
-
 def build(
     num_quadrant_inputs: int = 1,
     z_dim: int = 200,
     hidden_dims: Sequence[int] = (500, 500),
     side: int = 28,
     condition_generation: bool = True,
-    baseline_run: str = "",
-    baseline_hidden_dims: Sequence[int] = (500, 500),
+    baseline_net: BaselineNet | None = None,
     residual: bool = True,
 ) -> ModelParts:
-    """Networks of the CVAE (``prior_net``, ``generation_net`` and, with ``baseline_run``, the fixed
-    ``baseline_net`` read from that run's newest checkpoint; ``residual``: the generation network adds to
-    the baseline's logits and starts at 0)."""
+    """Networks of the CVAE (``prior_net``, ``generation_net`` and, if given, the trained ``baseline_net``, held
+    fixed; ``residual``: with a baseline, the generation network adds to the baseline's logits and starts at 0)."""
+    if baseline_net is not None:
+        if not isinstance(baseline_net, BaselineNet):
+            raise TypeError(f"model 'cvae' baseline_net: expected a trained BaselineNet, received "
+                            f"{type(baseline_net).__name__}")
+        if (baseline_net.num_quadrant_inputs, baseline_net.side) != (num_quadrant_inputs, side):
+            raise ValueError(
+                f"model 'cvae' baseline_net: expected a baseline for {num_quadrant_inputs} observed quadrant(s) of "
+                f"side {side}, received one for {baseline_net.num_quadrant_inputs} of side {baseline_net.side}"
+            )
     prior_net = GaussianNet(num_quadrant_inputs, hidden_dims, z_dim, side)
-    residual = bool(residual and baseline_run)
+    residual = bool(residual and baseline_net is not None)
     generation_net = GenerationNet(num_quadrant_inputs, hidden_dims, z_dim, side, condition_generation, residual)
     if residual:
         generation_net.zero_output()
     modules = {"prior_net": prior_net, "generation_net": generation_net}
-    if baseline_run:
-        modules["baseline_net"] = load_baseline(baseline_run, num_quadrant_inputs, baseline_hidden_dims, side)
+    if baseline_net is not None:
+        modules["baseline_net"] = baseline_net
     return ModelParts(spec=_spec("cvae", prior_net, z_dim), modules=modules)
 
 

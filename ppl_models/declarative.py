@@ -35,7 +35,8 @@ tuples of ints or hyperparameter names.
 
 Registered under its name, the model works with everything built from a ``ModelSpec`` and the model's
 signature ``model(x, idx=None, *, networks, num_data=None)``: the generic guides ``mean-field`` and
-``amortized-mlp`` (also registered as ``amortized``), the inference strategies, the engine, ``ppl-models
+``amortized-mlp`` (also registered as ``amortized`` for declared models, by :mod:`ppl_models.guides.declarative`),
+the inference strategies, the engine, ``ppl-models
 fit / evaluate`` and TOML configs (``[model]`` keys are the declared hyperparameters, checked by name and
 type; ``module = "path/to/file.py"`` imports the file that declares the model), importance-sampled
 evaluation and the plots.  Only local latents are supported (global latent variables are free parameters).
@@ -57,9 +58,13 @@ from ppl_models import registry
 from ppl_models.registry import ModelParts
 from ppl_models.spec import LatentSite, ModelSpec, ObservedSite, ShapeError, check_tensor, data_plate
 
-__all__ = ["Latent", "Observed", "DeclarationError", "DeclaredNetworks", "DeclaredModel", "declare_model"]
+__all__ = ["KIND", "Latent", "Observed", "DeclarationError", "DeclaredNetworks", "DeclaredModel", "declare_model"]
 
 Shape = Tuple[Any, ...]  # ints or hyperparameter names
+
+#: The registry kind of every declared model; guides registered for it (``register_guide(..., kind=KIND)``,
+#: see :mod:`ppl_models.guides.declarative`) apply to each.
+KIND = "declared"
 
 
 class DeclarationError(ValueError):
@@ -320,12 +325,10 @@ class DeclaredModel:
         return {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample" and name != plate}
 
     def register(self) -> "DeclaredModel":
-        """Register the model under its name, with the generic guides (``mean-field``, ``amortized-mlp``,
-        and ``amortized`` as an alias of ``amortized-mlp``)."""
-        from ppl_models.guides import amortized, mean_field  # noqa: F401  (registers the generic guides)
-
-        registry.register_model(self.name, model=self.model, build=self.build)
-        registry.register_guide("amortized", model=self.name, guide=amortized.guide, build=amortized.build)
+        """Register the model under its name, of kind :data:`KIND`: it takes the generic guides
+        (``mean-field``, ``amortized-mlp``) and those registered for declared models
+        (:mod:`ppl_models.guides.declarative`: ``amortized``, an alias of ``amortized-mlp``)."""
+        registry.register_model(self.name, model=self.model, build=self.build, kind=KIND)
         return self
 
 

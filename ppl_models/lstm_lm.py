@@ -9,14 +9,15 @@ Generative story, for each sentence :math:`i = 1, \dots, N` (tokens :math:`x_1, 
    ``<bos>`` (their logits are :math:`-\infty`); the sentence ends with the first ``<eos>``.
 
 There is no latent variable: :math:`\log p(x) = \sum_t \log p(x_t \mid x_{<t})` is the ELBO of the empty guide
-(:func:`empty_guide`), so SVI with ``Trace_ELBO`` is maximum likelihood and the evaluator's
-importance-sampled log-likelihood is exact with one sample.
+(:func:`ppl_models.guides.lstm_lm.empty_guide`), so SVI with ``Trace_ELBO`` is maximum likelihood and the
+evaluator's importance-sampled log-likelihood is exact with one sample.
 
 All sequence models here take ``tokens`` of shape ``(batch, T)`` (``int64``, padded with ``<pad>`` = 0 after each
 sentence) and ``lengths`` of shape ``(batch,)`` (``1 <= lengths <= T``); tokens after a sentence's length never
-change its likelihood (the observed site is masked with ``arange(T) < lengths``).  This module also holds the
-pieces the text VAE and the VRNN share: :func:`check_sequences`, :func:`shift_inputs`, :func:`word_dropout` and
-:class:`LSTMDecoder`.
+change its likelihood (the observed site is masked with ``arange(T) < lengths``).  The special tokens' indices are
+:mod:`ppl_models.encodings`', the categorical over the vocabulary is
+:class:`ppl_models.distributions.TokenCategorical`.  This module also holds the pieces the text VAE and the VRNN
+share: :func:`check_sequences`, :func:`shift_inputs`, :func:`word_dropout` and :class:`LSTMDecoder`.
 
 References:
     Mikolov et al. (2010), Recurrent neural network based language model.
@@ -29,71 +30,23 @@ from typing import Optional, Tuple
 
 import pyro
 import torch
-from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
-from torch.nn import functional as F
 
-from ppl_models.data.text import SPECIALS
-from ppl_models.registry import ModelParts, register_guide, register_model
+from ppl_models.distributions import TokenCategorical
+from ppl_models.encodings import BOS_INDEX, EOS_INDEX, PAD_INDEX, UNK_INDEX
+from ppl_models.registry import ModelParts, register_model
 from ppl_models.spec import ModelSpec, ObservedSite, ShapeError, check_tensor, data_plate
 
 __all__ = [
-    "PAD_INDEX",
-    "UNK_INDEX",
-    "BOS_INDEX",
-    "EOS_INDEX",
-    "TokenCategorical",
     "check_sequences",
     "shift_inputs",
     "word_dropout",
     "LSTMDecoder",
     "model",
-    "empty_guide",
     "build",
     "sequence_spec",
 ]
-
-# The indices of :class:`ppl_models.data.text.Vocab`'s specials.
-PAD_INDEX, UNK_INDEX, BOS_INDEX, EOS_INDEX = range(len(SPECIALS))
-
-
-class TokenCategorical(TorchDistribution):
-    r"""A categorical distribution over the last dim of ``logits`` (unnormalized, entries may be :math:`-\infty`),
-    batch shape ``logits.shape[:-1]``.
-
-    The same density as ``pyro.distributions.Categorical(logits=logits)``, but ``log_prob`` is one fused
-    ``log_softmax``/``nll`` (``F.cross_entropy``) instead of normalizing the whole ``(..., V)`` table at
-    construction: the softmax over a 10k vocabulary is most of a language model's cost.
-    """
-
-    arg_constraints = {"logits": constraints.real}
-    has_enumerate_support = False
-
-    def __init__(self, logits: torch.Tensor, validate_args=None):
-        self.logits = logits
-        self.num_categories = logits.shape[-1]
-        super().__init__(logits.shape[:-1], torch.Size(), validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return constraints.integer_interval(0, self.num_categories - 1)
-
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        return TokenCategorical(self.logits.expand(batch_shape + (self.num_categories,)), validate_args=False)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        logits = self.logits.expand(shape + (self.num_categories,)).reshape(-1, self.num_categories)
-        value = value.expand(shape).reshape(-1)
-        return -F.cross_entropy(logits, value, reduction="none").reshape(shape)
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return torch.distributions.Categorical(logits=self.logits).sample(sample_shape)
 
 
 def check_sequences(tokens, lengths, vocab_size: int, site: str = "x") -> None:
@@ -234,10 +187,6 @@ def model(tokens: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor | None 
         pyro.sample("x", TokenCategorical(logits).mask(mask).to_event(1), obs=targets)
 
 
-def empty_guide(tokens, lengths, idx=None, *, num_data=None, **unused):
-    """The guide of a model without latent variables: samples nothing (the ELBO is the log-likelihood)."""
-
-
 def build(vocab_size: int = 10004, embed_dim: int = 128, hidden_dim: int = 256, dropout: float = 0.0,
           max_len: int = 100) -> ModelParts:
     """Networks (``decoder``) and declared structure of the LSTM LM."""
@@ -245,10 +194,4 @@ def build(vocab_size: int = 10004, embed_dim: int = 128, hidden_dim: int = 256, 
     return ModelParts(spec=sequence_spec("lstm-lm", vocab_size, max_len), modules={"decoder": decoder})
 
 
-def build_empty_guide(spec: ModelSpec, num_data: int | None = None):
-    """The empty guide has no networks."""
-    return {}
-
-
 register_model("lstm-lm", model=model, build=build)
-register_guide("empty", model="lstm-lm", guide=empty_guide, build=build_empty_guide)

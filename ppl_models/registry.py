@@ -2,21 +2,45 @@
 
 A model registers its plain Pyro model function and a ``build(**hparams)``
 that returns :class:`ModelParts` (its declared :class:`~ppl_models.spec.ModelSpec`
-and its networks).  A guide registers, for one model or for every model
-(``model="*"``), its plain guide function and a ``build(spec, num_data, **hparams)``
+and its networks).  A guide registers, for one model, for every model of a kind (``kind=...``: models
+registered with that ``kind``, e.g. every declared model) or for every model (``model="*"``), its plain
+guide function and a ``build(spec, num_data, **hparams)``
 that returns the guide's networks; a ``build`` that also takes ``model_modules``
 receives the model's networks and may return some of them to share (an exact
 posterior guide reads the model's own parameters).  :func:`instantiate` binds the networks to
 the functions, giving a model and a guide with the same signature.
+
+Where registrations come from (imported once, on the first lookup by name, in this order):
+
+1. the package's own models and guides, found by scanning it, with no list to edit
+   (:func:`builtin_modules`): every model module ``ppl_models/<story>.py`` (all top-level modules but
+   the core ones and ``__main__``), then every module of :mod:`ppl_models.guides`, each in sorted order;
+2. third-party models, through the entry-point group ``ppl_models.models``: each entry point names a
+   module whose import calls :func:`register_model` / :func:`register_guide`, so that an installed
+   distribution's model registers like a built-in one.  In the distribution's ``setup.cfg``::
+
+       [options.entry_points]
+       ppl_models.models =
+           my-model = my_package.my_model
+
+   (``pyproject.toml``: ``[project.entry-points."ppl_models.models"]``).  Entry points load sorted by
+   name; one that fails to import raises one :class:`ImportError` naming the entry point and its
+   distribution.
+
+A model that a script or a config's ``[model] module`` declares registers when that file is imported
+(:func:`load_source`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import inspect
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 from torch import nn
 
@@ -34,6 +58,9 @@ __all__ = [
     "model_names",
     "guide_names",
     "instantiate",
+    "builtin_modules",
+    "load_source",
+    "ENTRY_POINT_GROUP",
     "UnknownNameError",
 ]
 
@@ -64,15 +91,17 @@ class ModelEntry:
     model: Callable
     build: Callable[..., ModelParts]
     doc: str = ""
+    kind: str = ""  # models built the same way share a kind (declared models: "declared"); "" for none
 
 
 @dataclass(frozen=True)
 class GuideEntry:
     name: str
-    model_name: str  # "*" for a generic guide built from the spec
+    model_name: str  # "*" for a generic guide built from the spec; "" for a guide of a kind of models
     guide: Callable
     build: Callable[..., Dict[str, nn.Module]]
     doc: str = ""
+    kind: str = ""  # the kind of models the guide is registered for ("" when registered by model name)
 
 
 @dataclass
@@ -92,48 +121,101 @@ _MODELS: Dict[str, ModelEntry] = {}
 _GUIDES: Dict[tuple, GuideEntry] = {}
 
 
-def register_model(name: str, *, model: Callable, build: Callable[..., ModelParts]) -> ModelEntry:
-    entry = ModelEntry(name, model, build, inspect.getdoc(model) or "")
+def register_model(name: str, *, model: Callable, build: Callable[..., ModelParts], kind: str = "") -> ModelEntry:
+    """Register ``model`` and its ``build`` under ``name``; ``kind`` (optional) also gives it the guides
+    registered for that kind of model."""
+    entry = ModelEntry(name, model, build, inspect.getdoc(model) or "", kind)
     _MODELS[name] = entry
     return entry
 
 
 def register_guide(
-    name: str, *, model: str, guide: Callable, build: Callable[..., Dict[str, nn.Module]]
+    name: str,
+    *,
+    model: str = "",
+    kind: str = "",
+    guide: Callable,
+    build: Callable[..., Dict[str, nn.Module]],
 ) -> GuideEntry:
-    entry = GuideEntry(name, model, guide, build, inspect.getdoc(guide) or "")
-    _GUIDES[(model, name)] = entry
+    """Register a guide under ``name`` for one ``model`` (a model name, or ``"*"``: every model) or for
+    every model registered with ``kind``; give exactly one of them."""
+    if bool(model) == bool(kind):
+        raise ValueError(
+            f"guide {name!r}: give exactly one of model= (a model name or '*') and kind=; "
+            f"received model={model!r}, kind={kind!r}"
+        )
+    entry = GuideEntry(name, model, guide, build, inspect.getdoc(guide) or "", kind)
+    _GUIDES[_guide_key(entry.model_name, kind, name)] = entry
     return entry
 
 
-#: Modules whose import registers the package's own models and guides.
-BUILTIN_MODULES = (
-    "ppl_models.vae",
-    "ppl_models.guides.mean_field",
-    "ppl_models.guides.amortized",
-    "ppl_models.guides.vae",
-    "ppl_models.linear_gaussian",
-    "ppl_models.guides.linear_gaussian",
-    "ppl_models.gmm",
-    "ppl_models.guides.gmm",
-    "ppl_models.bayesian_gmm",
-    "ppl_models.guides.bayesian_gmm",
-    "ppl_models.cvae",
-    "ppl_models.guides.cvae",
-    "ppl_models.lstm_lm",
-    "ppl_models.bigram",
-    "ppl_models.text_vae",
-    "ppl_models.guides.text_vae",
-    "ppl_models.vrnn",
-    "ppl_models.guides.vrnn",
-    "ppl_models.alignment",
-    "ppl_models.guides.alignment",
+def _guide_key(model_name: str, kind: str, name: str) -> tuple:
+    return (model_name, name) if model_name else (("kind", kind), name)
+
+
+#: The entry-point group through which installed distributions register their models and guides.
+ENTRY_POINT_GROUP = "ppl_models.models"
+
+#: Top-level modules of the package that are not model modules: the core, the command line, and the
+#: declarative toolkit (models declared with it register when the declaring file is imported).
+_NOT_MODEL_MODULES = frozenset(
+    {"__init__", "__main__", "spec", "registry", "distributions", "encodings", "families", "atomic", "runtime",
+     "declarative"}
 )
 
 
-def _load_builtins() -> None:
-    for name in BUILTIN_MODULES:
-        importlib.import_module(name)
+def builtin_modules() -> List[str]:
+    """The modules whose import registers the package's own models and guides: every model module
+    (a top-level module of :mod:`ppl_models` other than the core ones, ``__main__`` and
+    :mod:`ppl_models.declarative`, which declares no model itself), then every module of
+    :mod:`ppl_models.guides`; each group sorted by name."""
+    # Located, not imported: the registry (core) depends on no model or guide module; it finds them by name.
+    package, guides_package = (importlib.util.find_spec(p) for p in ("ppl_models", "ppl_models.guides"))
+    models = sorted(
+        m.name
+        for m in pkgutil.iter_modules(package.submodule_search_locations)
+        if not m.ispkg and m.name not in _NOT_MODEL_MODULES
+    )
+    guides = sorted(m.name for m in pkgutil.iter_modules(guides_package.submodule_search_locations) if not m.ispkg)
+    return [f"ppl_models.{m}" for m in models] + [f"ppl_models.guides.{g}" for g in guides]
+
+
+def _entry_points() -> list:
+    """The group's entry points, sorted by name (then value) for a deterministic registration order."""
+    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.value))
+
+
+def _load_entry_point(ep) -> None:
+    dist = getattr(ep, "dist", None)
+    where = f"distribution {dist.name!r} {dist.version}" if dist is not None else "an unknown distribution"
+    try:
+        ep.load()
+    except Exception as exc:
+        raise ImportError(
+            f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP!r}) of {where} failed to import: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+_LOADED = False  # the built-in modules and entry points have all been imported
+_LOADING = False  # they are being imported (a lookup during that import must not start again)
+
+
+def _load_registrations() -> None:
+    """Import, once, the package's model and guide modules, then the entry points (see the docstring).
+    A failing entry point raises, and the next lookup tries again."""
+    global _LOADED, _LOADING
+    if _LOADED or _LOADING:
+        return
+    _LOADING = True
+    try:
+        for name in builtin_modules():
+            importlib.import_module(name)
+        for ep in _entry_points():
+            _load_entry_point(ep)
+        _LOADED = True
+    finally:
+        _LOADING = False
 
 
 _SOURCES: Dict[str, object] = {}
@@ -143,7 +225,6 @@ def load_source(source: str):
     """Import the module that declares and registers a user's model (a config's ``[model] module``):
     a path to a ``.py`` file (relative to the working directory) or a dotted module name.  Each file is
     executed once per process."""
-    import importlib.util
     import sys
     from pathlib import Path
 
@@ -173,25 +254,37 @@ def load_source(source: str):
 
 
 def model_names():
-    _load_builtins()
+    _load_registrations()
     return sorted(_MODELS)
 
 
 def get_model(name: str) -> ModelEntry:
-    _load_builtins()
+    _load_registrations()
     if name not in _MODELS:
         raise UnknownNameError("model", name, _MODELS)
     return _MODELS[name]
 
 
+def _guide_keys(model_name: str, name: str):
+    """Where a guide ``name`` of ``model_name`` is looked up, most specific first: the model's own, its
+    kind's, every model's."""
+    keys = [(model_name, name)]
+    entry = _MODELS.get(model_name)
+    if entry is not None and entry.kind:
+        keys.append(_guide_key("", entry.kind, name))
+    keys.append(("*", name))
+    return keys
+
+
 def guide_names(model_name: str):
-    _load_builtins()
-    return sorted({g for (m, g) in _GUIDES if m in (model_name, "*")})
+    _load_registrations()
+    owners = {owner for owner, _ in _guide_keys(model_name, "")}
+    return sorted({g for (owner, g) in _GUIDES if owner in owners})
 
 
 def get_guide(model_name: str, name: str) -> GuideEntry:
-    _load_builtins()
-    for key in ((model_name, name), ("*", name)):
+    _load_registrations()
+    for key in _guide_keys(model_name, name):
         if key in _GUIDES:
             return _GUIDES[key]
     raise UnknownNameError(f"guide for model {model_name!r}", name, guide_names(model_name))

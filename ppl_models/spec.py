@@ -151,8 +151,9 @@ def check_tensor(
             )
 
 
-def data_plate(x: torch.Tensor, idx: torch.Tensor | None, num_data: int | None, name: str = "data"):
-    """The plate over datapoints shared by a model and its guides.
+def data_plate(x: torch.Tensor, idx: torch.Tensor | None, num_data: int | None, name: str = "data", dim: int = -1):
+    """The plate over datapoints shared by a model and its guides: the rows of ``x`` (its first dimension),
+    at batch dimension ``dim`` (``-2`` when a plate over each datapoint's steps is ``-1``).
 
     With ``idx`` the batch is a subsample of a data set of size ``num_data``
     and the plate scales log-densities by ``num_data / batch``.
@@ -164,8 +165,8 @@ def data_plate(x: torch.Tensor, idx: torch.Tensor | None, num_data: int | None, 
                 f"plate {name!r}: num_data={num_data} differs from the batch size {batch}, "
                 "so the batch's indices idx are required"
             )
-        return pyro.plate(name, batch, dim=-1)
+        return pyro.plate(name, batch, dim=dim)
     check_tensor("idx", idx, event_shape=(), dtype_kind="int")
     if idx.shape[0] != batch:
         raise ValueError(f"plate {name!r}: idx has {idx.shape[0]} entries but x has batch size {batch}")
-    return pyro.plate(name, batch if num_data is None else num_data, subsample=idx, dim=-1)
+    return pyro.plate(name, batch if num_data is None else num_data, subsample=idx, dim=dim)

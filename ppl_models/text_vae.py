@@ -36,11 +36,10 @@ import torch
 from pyro import poutine
 from torch.distributions import constraints
 
+from ppl_models.distributions import TokenCategorical
+from ppl_models.encodings import BOS_INDEX, EOS_INDEX
 from ppl_models.lstm_lm import (
-    BOS_INDEX,
-    EOS_INDEX,
     LSTMDecoder,
-    TokenCategorical,
     check_sequences,
     never_predicted,
     sequence_spec,

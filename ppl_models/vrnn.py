@@ -37,14 +37,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from ppl_models.lstm_lm import (
-    PAD_INDEX,
-    TokenCategorical,
-    check_sequences,
-    never_predicted,
-    sequence_spec,
-    shift_inputs,
-)
+from ppl_models.distributions import TokenCategorical
+from ppl_models.encodings import PAD_INDEX
+from ppl_models.lstm_lm import check_sequences, never_predicted, sequence_spec, shift_inputs
 from ppl_models.registry import ModelParts, register_model
 from ppl_models.spec import data_plate
 

@@ -14,16 +14,13 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
 
 import ppl_models as pm
 from ppl_models.alignment import (
     VARIANTS,
     AlignedCategorical,
-    TokenCategorical,
     emission_table,
-    evaluate_alignment,
     log_marginal,
     log_normalizer,
 )
@@ -31,8 +28,10 @@ from ppl_models.app.cli import main as cli_main
 from ppl_models.app.config import ConfigError
 from ppl_models.data.parallel import parallel_splits, synthetic_pairs, synthetic_splits
 from ppl_models.data.text import TextDataError, pad_batch
+from ppl_models.distributions import TokenCategorical
 from ppl_models.app.experiment import Experiment
 from ppl_models.spec import ShapeError
+from ppl_models.tasks.alignment import evaluate_alignment
 
 REPO = Path(__file__).resolve().parents[1]
 SRC_V, TGT_V = 9, 11
@@ -156,9 +155,10 @@ def test_variational_enum_elbo_below_exact_and_equal_with_the_exact_posterior():
     torch.testing.assert_close(tight, log_marginal(post.modules["net"], *args)["log_lik"].sum(), rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("input_feed", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_padding_never_changes_a_sentence_likelihood(variant):
-    inst = make(variant)
+def test_padding_never_changes_a_sentence_likelihood(variant, input_feed):
+    inst = make(variant, input_feed=input_feed)
     net = inst.modules["net"]
     alone = batch([(3, 2)], gen_seed=5)
     padded = batch([(3, 2), (6, 5)], gen_seed=5)  # same first sentence, padded to S=6, T=6
@@ -179,11 +179,41 @@ def _flat_grads(params):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
 
+def _sampled_objective(inst, args) -> torch.Tensor:
+    """What the sampled variants' estimator is unbiased for, computed exactly (every z_t summed out by hand):
+    sum_t [E_q log p(y_t | z_t) - KL(q(z_t) || p(z_t))] (q = the prior for hard), plus the soft baseline's
+    log p_soft(y_t) with baseline "soft" (the model's y_soft factor)."""
+    net = inst.modules["net"]
+    out = log_marginal(net, *args)
+    prior, emission, mask = out["log_prior"], out["log_emission"], out["mask"]
+    q = prior
+    if net.variant == "variational":
+        q = inst.modules["inference"](out["states"].memory, out["states"].src_mask, args[2], args[3])[0]
+    per_token = (q.exp() * emission).sum(-1) - (q.exp() * (q - prior)).sum(-1)
+    if net.baseline == "soft":
+        per_token = per_token + net.soft_log_lik(out["states"], args[2])
+    return per_token[mask].sum()
+
+
+def _score_function_draws(inst, args, idx, passes: int):
+    """``(draws (passes, P), params)``: TraceGraph_ELBO's gradient of every parameter but the learned baseline's."""
+    params = [p for name, p in inst.modules.named_parameters() if not name.startswith("baseline")]
+    graph = TraceGraph_ELBO(max_plate_nesting=2)
+    draws = []
+    for _ in range(passes):
+        for p in inst.modules.parameters():
+            p.grad = None
+        graph.loss_and_grads(inst.model, inst.guide, *args, idx)
+        draws.append(_flat_grads(params))
+    return torch.stack(draws), params
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["soft", "learned"])
 @pytest.mark.parametrize("variant", ["variational", "hard"])
-def test_reinforce_gradient_is_unbiased_against_the_enumerated_gradient(variant):
-    """TraceGraph_ELBO's score-function gradient (one z_t per step, learned baseline) averages to the gradient of
-    the same ELBO with every z_t enumerated (TraceEnum_ELBO, the guide's z enumerated).
+def test_reinforce_gradient_is_unbiased_against_the_enumerated_gradient(variant, baseline):
+    """TraceGraph_ELBO's score-function gradient (one z_t per step, analytic KL, the soft or a learned baseline)
+    averages to the gradient of the same objective with every z_t summed out (:func:`_sampled_objective`).
 
     Two sentence pairs, each copied 100 times into one batch: one TraceGraph pass averages 100 independent draws
     per pair; 60 passes give the mean and its standard error per gradient coordinate.  Every coordinate is within
@@ -191,30 +221,23 @@ def test_reinforce_gradient_is_unbiased_against_the_enumerated_gradient(variant)
     of the stochastic coordinates is below 1/9 of the median |gradient|, so a bias of half a typical coordinate
     would fail it.
     """
-    inst = make(variant)
+    torch.manual_seed(0)
+    inst = make(variant, baseline=baseline)
     copies, passes = 100, 60
     args = batch([(3, 2), (2, 3)] * copies, gen_seed=3)
     idx = torch.arange(args[0].shape[0])
-    with torch.no_grad():  # a baseline that is neither zero nor the answer
-        for p in inst.modules["baseline"].parameters():
-            p.mul_(0.1)
-    params = [p for name, p in inst.modules.named_parameters() if not name.startswith("baseline")]
+    if baseline == "learned":
+        with torch.no_grad():  # a baseline that is neither zero nor the answer
+            for p in inst.modules["baseline"].parameters():
+                p.mul_(0.1)
+    else:
+        assert "baseline" not in inst.modules
 
-    def zero_grads():
-        for p in inst.modules.parameters():
-            p.grad = None
-
-    enumerated = poutine.infer_config(inst.guide, lambda site: {"enumerate": "parallel"} if site["name"] == "z" else {})
-    zero_grads()
-    TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(inst.model, enumerated, *args, idx).backward()
+    draws, params = _score_function_draws(inst, args, idx, passes)
+    for p in inst.modules.parameters():
+        p.grad = None
+    (-_sampled_objective(inst, args)).backward()
     exact = _flat_grads(params)
-    graph = TraceGraph_ELBO(max_plate_nesting=2)
-    draws = []
-    for _ in range(passes):
-        zero_grads()
-        graph.loss_and_grads(inst.model, inst.guide, *args, idx)
-        draws.append(_flat_grads(params))
-    draws = torch.stack(draws)
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(passes)
     moving = se > 1e-10  # coordinates the score function reaches
     assert int(moving.sum()) > 20
@@ -222,6 +245,33 @@ def test_reinforce_gradient_is_unbiased_against_the_enumerated_gradient(variant)
     assert float(z.max()) < 4.5, f"max |z| = {float(z.max()):.2f}"
     assert float(se[moving].median() / exact[moving].abs().median()) < 0.5 / 4.5
     torch.testing.assert_close(mean[~moving], exact[~moving], rtol=1e-8, atol=1e-10)  # deterministic coordinates
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["variational", "hard"])
+def test_soft_baseline_has_lower_gradient_variance_than_a_fitted_learned_baseline(variant):
+    """On one fixed batch (20 sentence pairs) and the same network weights, the total variance (summed over the
+    network's coordinates) of the score-function gradient with Deng et al.'s soft baseline is below that with the
+    learned per-token baseline — after the learned one was fitted to this very batch (300 Adam steps on its
+    squared error), its best case."""
+    variances = {}
+    args = batch([(3, 2), (2, 3), (4, 4), (5, 3)] * 5, gen_seed=3)
+    idx = torch.arange(args[0].shape[0])
+    for baseline in ("soft", "learned"):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        inst = make(variant, baseline=baseline)
+        if baseline == "learned":
+            graph = TraceGraph_ELBO(max_plate_nesting=2)
+            optim = torch.optim.Adam(inst.modules["baseline"].parameters(), lr=0.05)
+            for _ in range(300):
+                for p in inst.modules.parameters():
+                    p.grad = None
+                graph.loss_and_grads(inst.model, inst.guide, *args, idx)
+                optim.step()  # the baseline only: the network keeps its weights
+        draws, _ = _score_function_draws(inst, args, idx, 150)
+        variances[baseline] = float(draws.var(0).sum())
+    assert variances["soft"] < 0.7 * variances["learned"], variances
 
 
 # --------------------------------------------------------------------------------------- synthetic alignment
@@ -242,6 +292,36 @@ def test_posterior_argmax_recovers_gold_alignments_on_the_synthetic_task(variant
     assert m["align_accuracy_posterior"] >= 0.9, m
     if variant != "exact":
         assert m["align_accuracy_guide"] >= 0.9, m
+
+
+def test_plateau_halving_and_early_stopping_follow_the_exact_validation_log_likelihood():
+    """The training protocol: validation by the exact log p(y | x) (the task's validation_loss, as
+    evaluate_alignment computes it), the learning rate halved at each validation not better than the best before it,
+    and training stopped after early_stopping such validations in a row."""
+    from ppl_models.infer.schedules import plateau_halvings, validations_since_best
+
+    assert plateau_halvings([-3.0, -2.0, -2.5, -2.0, -1.0, float("nan"), -1.5]) == 3
+    assert validations_since_best([-3.0, -1.0, -2.0, -1.0]) == 2 and validations_since_best([]) == 0
+    config = REPO / "examples/configs/attention_tiny.toml"
+    overrides = {"train.validate": True, "train.lr_schedule": "plateau", "train.early_stopping": 3,
+                 "train.valid_every": 2, "train.num_epochs": 30, "train.lr": 0.05, "train.progress": False}
+    experiment = Experiment.from_file(config, overrides, run_dir=None)
+    experiment.resolve_model_hooks()
+    splits = experiment.load_data()
+    instance = experiment.build(splits["train"].num_data, splits["train"].model_kwargs)
+    factors = []
+    trainer = experiment.trainer(splits, instance, run_dir=None,
+                                 callback=lambda t, step, loss: factors.append((step, t.lr_factor())))
+    result = trainer.fit()
+    scores = result.history["valid_step_elbo"]
+    assert result.history["valid_step"] == list(range(2, result.step + 1, 2))
+    for step, factor in factors:  # the factor after each step: 1/2 per non-improving validation up to it
+        assert factor == 0.5 ** plateau_halvings(scores[: step // 2])
+    assert plateau_halvings(scores) > 0
+    assert result.step < 30 * trainer.num_batches and validations_since_best(scores) == 3  # stopped early
+    exact = evaluate_alignment(instance.modules["net"], splits["valid"]).metrics
+    torch.testing.assert_close(trainer.validation_elbo(), -exact["nll_per_sentence"], rtol=1e-5, atol=0)
+    assert math.isclose(scores[-1], trainer.validation_elbo(), rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -338,11 +418,49 @@ def test_cli_fit_then_align_writes_pharaoh_lines(tmp_path, capsys):
         assert [j for _, j in pairs] == list(range(len(t_tok)))
         assert all(0 <= i < len(s_tok) for i, _ in pairs)
     out = tmp_path / "x.align"
-    assert cli_main(["align", str(run_dir), str(s), str(t), "-o", str(out), "--posterior", "guide"]) == 0
+    assert cli_main(["align", str(run_dir), str(s), str(t), "-o", str(out), "--links", "q"]) == 0
     assert len(out.read_text().splitlines()) == 3
     bad = _write(tmp_path / "y.tgt", [" ".join(t) for t in tgt[:2]])
     assert cli_main(["align", str(run_dir), str(s), str(bad)]) == 2
     assert "expected the same number of lines" in capsys.readouterr().err
+
+
+def test_aligner_links_argmax_null_threshold_and_q():
+    """TrainedAligner.links: an argmax gives every target word (never <eos>) one link; with a threshold a word whose
+    best posterior is not above it stays unaligned (NULL); "threshold" links every position above it; "q" reads the
+    inference network; unknown words become <unk>."""
+    from ppl_models.data.text import Vocab
+    from ppl_models.tasks.alignment import TrainedAligner
+
+    inst = make("variational-enum")
+    net = inst.modules["net"]
+    src_vocab = Vocab([f"s{k}" for k in range(SRC_V - 4)])
+    tgt_vocab = Vocab([f"t{k}" for k in range(TGT_V - 4)])
+    aligner = TrainedAligner(net, {"inference": inst.modules["inference"]}, src_vocab, tgt_vocab, lower=False)
+    src = [["s0", "s3", "s1"], ["s2", "NEW"], ["s4", "s0", "s1", "s2"]]
+    tgt = [["t1", "t5"], ["t0", "t6", "t2"], ["t3"]]
+    ids = [(src_vocab.encode(s), tgt_vocab.encode(t) + [tgt_vocab.eos_index]) for s, t in zip(src, tgt)]
+    posteriors = []
+    for s_ids, t_ids in ids:
+        out = log_marginal(net, torch.tensor([s_ids]), torch.tensor([len(s_ids)]), torch.tensor([t_ids]),
+                           torch.tensor([len(t_ids)]))
+        posteriors.append(out["log_posterior"][0, :-1].exp().detach())  # without <eos>
+    argmax = aligner.links(src, tgt)
+    for links, post, t in zip(argmax, posteriors, tgt):
+        assert sorted(j for _, j in links) == list(range(len(t)))
+        assert all(int(post[j].argmax()) == i for i, j in links)
+    tau = float(torch.cat([p.max(-1).values for p in posteriors]).median())
+    nulls = aligner.links(src, tgt, "posterior", tau)
+    kept = sum(len(x) for x in nulls)
+    assert 0 < kept < sum(len(x) for x in argmax)
+    for links, null, post in zip(argmax, nulls, posteriors):
+        assert null == {(i, j) for i, j in links if float(post[j, i]) > tau}
+    for links, post in zip(aligner.links(src, tgt, "threshold", 0.2), posteriors):
+        assert links == {(int(i), int(j)) for j, i in (post > 0.2).nonzero().tolist()}
+    q_links = aligner.links(src, tgt, "q")
+    assert [sorted(j for _, j in x) for x in q_links] == [list(range(len(t))) for t in tgt]
+    with pytest.raises(ValueError, match=r"--threshold: expected a probability in \[0, 1\)"):
+        aligner.links(src, tgt, "threshold", 1.5)
 
 
 @pytest.mark.slow
@@ -352,7 +470,7 @@ def test_example_runs_with_tiny_flags(tmp_path):
     from argparse import Namespace
 
     args = Namespace(config=str(REPO / "examples/configs/attention_tiny.toml"), variants=["soft", "hard"],
-                     max_steps=2, num_epochs=None, time_limit=None, limit_train=None, limit_test=8, seed=0,
+                     max_steps=2, num_epochs=None, time_limit=None, limit_train=None, limit_test=8, seed=0, baseline=None,
                      data_dir=None, run_root=str(tmp_path), resume=False, table_only=False, no_progress=True)
     rows = attention_multi30k.main(args)
     assert set(rows) == {"soft", "hard"} and rows["hard"]["train_steps"] == 2 and rows["soft"]["num_data"] == 8

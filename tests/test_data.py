@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import math
 import os
 import pickle
 import shutil
@@ -101,10 +102,11 @@ def test_registry_checksums_match_shared_files(shared_data):
             content = gzip.decompress((shared_data / dataset / gz.filename).read_bytes())
             assert hashlib.new(raw.algorithm, content).hexdigest() == raw.digest, raw.filename
             checked += 1
-            # Every file has a usual public URL, for exactly one of its forms.
-            assert sum(f.url is not None for f in entry.forms) == 1
-    assert checked == 28  # every .gz in shared/data's README
-    assert sorted(FILES) == ["binarized_mnist", "mnist", "multi30k", "ptb"]
+            # Every file has a usual public URL, for exactly one of its forms (none is known for the Hansards
+            # alignment task's files).
+            assert sum(f.url is not None for f in entry.forms) == (0 if dataset == "hansards_align" else 1)
+    assert checked == 33  # every .gz in shared/data's README
+    assert sorted(FILES) == ["binarized_mnist", "hansards_align", "mnist", "multi30k", "ptb"]
 
 
 def test_load_mnist_train(mnist_train):
@@ -127,6 +129,20 @@ def test_load_mnist_test_found_through_env(shared_data, monkeypatch):
     assert y.shape == (10000,) and y.dtype == torch.int64
     assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert torch.bincount(y, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    # Every pixel is the raw IDX file's byte / 255, the file read here without the package (README: pixels at
+    # offset 16): an all-zero or shuffled loader fails.
+    raw, labels = raw_idx(shared_data, "t10k")
+    assert torch.equal(x, torch.from_numpy(raw / 255.0).float()) and torch.equal(y, torch.from_numpy(labels).long())
+    assert float(x[0].sum()) == pytest.approx(raw[0].sum() / 255.0) and raw[0].sum() == 18454  # image 0, a 7
+
+
+def raw_idx(shared_data: Path, prefix: str):
+    """Images (n, 784) and labels (n,) of an MNIST IDX pair, uint8, read with gzip and NumPy only."""
+    with gzip.open(shared_data / "mnist" / f"{prefix}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(shared_data / "mnist" / f"{prefix}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return images.astype(np.float64), labels.astype(np.int64)
 
 
 @pytest.mark.parametrize(
@@ -140,11 +156,22 @@ def test_load_binarized_mnist(shared_data, split, n, mean):
 
 
 def test_binarized_test_is_a_draw_from_mnist_test(shared_data):
-    """README: test rows are the t10k images grouped by class, 1-pixels only where the grey level is > 0."""
-    xb = load_binarized_mnist("test", data_dir=shared_data, download=False)
+    """README: test rows are the t10k images grouped by class, 1-pixels only where the grey level is > 0, which
+    fits a Bernoulli(p = grey / 255) draw.  Against the raw IDX file read here: row i's count of 1-pixels has mean
+    μ_i = Σ_j p_ij and variance σ²_i = Σ_j p_ij (1 - p_ij), so Σ_i (k_i - μ_i)² / σ²_i is about N ± sqrt(2N):
+    within 5 of those standard errors (measured +1.0; the rows shuffled within each class give 1e6, an all-zero
+    loader 8e6), and the total count within 5 standard errors of Σ_i μ_i."""
+    xb = load_binarized_mnist("test", data_dir=shared_data, download=False).double()
     x, y = load_mnist("test", data_dir=shared_data, download=False)
     order = torch.argsort(y, stable=True)
     assert not bool(((xb == 1) & (x[order] == 0)).any())
+    raw, labels = raw_idx(shared_data, "t10k")
+    p = torch.from_numpy(raw[np.argsort(labels, kind="stable")] / 255.0)
+    mu, var, k = p.sum(1), (p * (1 - p)).sum(1), xb.sum(1)
+    assert torch.equal(k[var == 0], mu[var == 0])  # an image of pure 0/255 pixels (one): its count is known
+    chi2, n = float(((k - mu)[var > 0] ** 2 / var[var > 0]).sum()), int((var > 0).sum())
+    assert abs(chi2 - n) <= 5 * math.sqrt(2 * n), (chi2, n)
+    assert abs(float(k.sum() - mu.sum())) <= 5 * math.sqrt(float(var.sum()))
 
 
 def test_unknown_split_and_binarization_list_the_valid_ones(shared_data):
@@ -154,7 +181,8 @@ def test_unknown_split_and_binarization_list_the_valid_ones(shared_data):
         load_binarized_mnist("dev", data_dir=shared_data)
     with pytest.raises(UnknownNameError, match=r"unknown binarization 'otsu'; valid binarizations: dynamic, fixed"):
         mnist_splits("otsu", data_dir=shared_data)
-    with pytest.raises(UnknownNameError, match=r"unknown dataset 'cifar'; valid datasets: binarized_mnist, mnist"):
+    with pytest.raises(UnknownNameError,
+                       match=r"unknown dataset 'cifar'; valid datasets: binarized_mnist, hansards_align, mnist"):
         fetch("cifar", "x")
     with pytest.raises(UnknownNameError, match=r"unknown ptb file 'ptb.dev.txt'.*ptb.train.txt"):
         fetch("ptb", "ptb.dev.txt")

@@ -240,7 +240,7 @@ def test_config_key_reaches_the_trainer(tmp_path):
     config = Config.from_dict({"train": {"fast_path": "auto", "validate": False}})
     assert config.train.fast_path == "auto"
     assert 'fast_path = "auto"' in to_toml(config)
-    assert Config.from_dict({}).train.fast_path is False
+    assert Config.from_dict({}).train.fast_path == "auto"  # the default: the fast path wherever it applies
     trainer = Experiment(config, tmp_path).trainer({"train": pixel_data()}, small_vae("amortized"))
     assert trainer.fast_path == "auto"
 
@@ -392,3 +392,95 @@ def test_compiled_evaluation_equals_pyros_to_rounding(capsys):
     assert "fast path" not in capsys.readouterr().err  # compiled, not fallen back
     np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.kl, ref.kl, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- IWAE and the estimators
+@pytest.mark.parametrize("guide", ["amortized", "mean-field"])
+def test_captured_iwae_loss_and_gradients_equal_the_pyro_paths(guide):
+    """IWAE_ELBO, K = 4 vectorized particles, N/B = 4 outside the log-sum-exp: for the same parameters and noise
+    the captured loss and gradients, and the joint-gradient graph's (run without compiling), equal those of
+    IWAE_ELBO.differentiable_loss through Pyro."""
+    from ppl_models.infer.fastpath import JointGradient
+    from ppl_models.infer.objectives import IWAE_ELBO
+
+    inst = small_vae(guide)
+    x, idx = torch.rand(10, X_DIM).bernoulli(), torch.randperm(N)[:10]
+    elbo = IWAE_ELBO(num_particles=4, max_plate_nesting=1)
+    ref, ref_grads = pyro_loss_and_grads(elbo, inst, x, idx, seed=7)
+    cap = capture_loss(elbo, inst.model, inst.guide, (x, idx), {"num_data": N})
+    expected = {k: (g.to_dense() if g.is_sparse else g) for k, g in ref_grads.items() if g is not None}
+    torch.manual_seed(7)
+    loss = cap((x, idx))
+    grads = dict(zip(cap.param_names, torch.autograd.grad(loss, cap.params)))
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    assert set(grads) == set(expected)
+    for name, g in grads.items():
+        g = g.to_dense() if g.is_sparse else g
+        torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-5 * float(expected[name].abs().max()))
+    runner = JointGradient(cap, compile=False)
+    torch.manual_seed(7)
+    loss, grads = runner(*cap.params, x, idx, *cap.noise_graph())
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    names = {id(p): n for n, p in zip(cap.param_names, cap.params)}
+    for p, g in grads:
+        g = g.to_dense() if g.is_sparse else g
+        e = expected[names[id(p)]]
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("guide,elbo", [("amortized", "IWAE"), ("mean-field", "IWAE"),
+                                        ("amortized", "sticking-the-landing"), ("mean-field", "analytic-kl")])
+def test_iwae_and_estimator_training_trajectories_equal_pyro_path(guide, elbo, capsys):
+    """2 epochs of 3 batches with K = 3 particles: the fast path (IWAE_ELBO, or the ELBO inside an estimator on
+    the guide as its rule runs it) ends where Pyro's path ends."""
+
+    def fit(fast_path):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        inst = small_vae(guide)
+        trainer = Trainer(inst.model, inst.guide, pixel_data(), elbo=elbo, num_particles=3, batch_size=16,
+                          num_epochs=2, lr=1e-2, progress=False, fast_path=fast_path)
+        history = trainer.fit().history["train_elbo"]
+        return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}, history, trainer
+
+    ref, ref_hist, _ = fit(False)
+    got, hist, trainer = fit(True)
+    assert "fast path" not in capsys.readouterr().err  # no fallback
+    assert trainer._fast.disabled is None and trainer._fast.steps == 5
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+    assert hist == pytest.approx(ref_hist, rel=1e-6)
+
+
+def test_renyi_elbo_falls_back_at_set_up_with_one_notice(capsys):
+    x = torch.randn(8)
+    ref_losses, ref = train_steps(branchy_model, branchy_guide, x, [torch.arange(4)] * 3, False, elbo="RenyiELBO")
+    losses, got = train_steps(branchy_model, branchy_guide, x, [torch.arange(4)] * 3, True, elbo="RenyiELBO")
+    (line,) = notices(capsys.readouterr().err)
+    assert line.startswith("fast path off: objective RenyiELBO (supported: Trace_ELBO, TraceMeanField_ELBO, IWAE")
+    assert losses == ref_losses
+
+
+@pytest.mark.slow
+def test_compiled_iwae_fast_path_matches_eager(capsys):
+    """IWAE (K = 3) with mode="compile": the joint graph of IWAE_ELBO's loss compiled by inductor gives the eager
+    captured path's losses to float rounding (compiled for real: no fallback notice, a compile time recorded)."""
+    from ppl_models.infer.fastpath import JointGradient
+
+    losses = {}
+    for mode in ("eager", "compile"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        inst = small_vae("amortized")
+        trainer = Trainer(inst.model, inst.guide, pixel_data(), elbo="IWAE", num_particles=3, batch_size=16,
+                          max_steps=4, num_epochs=2, progress=False, fast_path=mode)
+        idx = torch.arange(16)
+        losses[mode] = [trainer.train_step(pixel_data().batch(idx, torch.Generator().manual_seed(s)), idx)
+                        for s in range(4)]
+    fast = trainer._fast
+    assert "fast path" not in capsys.readouterr().err
+    assert fast.compile_seconds is not None and fast.steps == 3
+    (runner,) = fast.runners.values()
+    assert isinstance(runner, JointGradient)
+    assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-5)

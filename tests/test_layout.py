@@ -1,6 +1,6 @@
 """The package's layers, read from the source: each layer imports only the layers below it.
 
-    core    ppl_models (its __init__), spec, registry, distributions, families, atomic
+    core    ppl_models (its __init__), spec, registry, distributions, encodings, families, atomic
     data    ppl_models.data.*                               -> core
     models  ppl_models.<story>.py, one per generative story -> core, models
     guides  ppl_models.guides.* (the top-level guides/ folder) -> core, models, guides
@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"ppl_models", "ppl_models.spec", "ppl_models.registry", "ppl_models.distributions",
-        "ppl_models.families", "ppl_models.atomic"}
+        "ppl_models.encodings", "ppl_models.families", "ppl_models.atomic", "ppl_models.runtime"}
 ALLOWED = {
     "core": {"core"},
     "data": {"core", "data"},
@@ -174,3 +174,22 @@ def test_layers_below_the_app_import_no_app_module_at_run_time(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_the_registry_scan_skips_exactly_the_core_modules():
+    """The registry imports every top-level module that is not core as a model module: its list of
+    non-model modules and this test's core layer must name the same files."""
+    from ppl_models import registry
+
+    core_files = {name.rpartition(".")[2] for name in CORE if name != "ppl_models"}
+    assert set(registry._NOT_MODEL_MODULES) - {"__init__", "__main__", "declarative"} == core_files
+
+
+def test_importing_the_package_loads_no_torch():
+    """``import ppl_models`` is cheap (the CLI sets its threading policy before torch loads OpenMP)."""
+    import subprocess
+    import sys
+
+    code = "import sys, ppl_models; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -25,10 +27,15 @@ def run(steps: int, direct: bool, name: str = "adam", reload_at=None, **kwargs):
 
 
 @pytest.mark.parametrize("name,kwargs", [("adam", {}), ("adam", {"weight_decay": 0.1}), ("adamw", {})])
-def test_direct_fused_step_equals_torchs_fused_adam_bitwise(name, kwargs):
+def test_direct_fused_step_equals_torchs_fused_adam_bitwise(name, kwargs, monkeypatch):
+    torch_steps = []
+    for cls in (torch.optim.Adam, torch.optim.AdamW):  # count torch's own steps (AdamW may inherit Adam's)
+        if "step" in vars(cls):
+            monkeypatch.setattr(cls, "step", functools.partialmethod(counted, cls.step, torch_steps))
     got, opt = run(6, True, name, **kwargs)
+    assert len(torch_steps) == 1  # torch's step once, creating the state; the other five the direct kernel's
     ref, ref_opt = run(6, False, name, **kwargs)
-    assert opt._fused_step is not None and opt._fused_step._key is not None  # the direct kernel ran
+    assert len(torch_steps) == 1 + 6
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     state = opt.state_dict()["dense"]["state"]
@@ -36,6 +43,11 @@ def test_direct_fused_step_equals_torchs_fused_adam_bitwise(name, kwargs):
     for i in state:
         assert float(state[i]["step"]) == float(ref_state[i]["step"]) == 6.0
         assert torch.equal(state[i]["exp_avg_sq"], ref_state[i]["exp_avg_sq"])
+
+
+def counted(self, step, calls, *args, **kwargs):
+    calls.append(type(self).__name__)
+    return step(self, *args, **kwargs)
 
 
 def test_direct_fused_step_survives_a_state_reload():
@@ -46,5 +58,29 @@ def test_direct_fused_step_survives_a_state_reload():
 
 
 def test_amsgrad_and_missing_gradients_use_torchs_step():
-    _, opt = run(3, True, amsgrad=True)
-    assert opt._fused_step._key is None
+    # AMSGrad, which the direct kernel does not do: torch's own AMSGrad step, bitwise, and not plain Adam's.
+    got, opt = run(6, True, amsgrad=True)
+    ref, _ = run(6, False, amsgrad=True)
+    plain, _ = run(6, False)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert not torch.equal(got[1], plain[1])
+    assert all("max_exp_avg_sq" in s for s in opt.state_dict()["dense"]["state"].values())
+    # A step where one parameter has no gradient: as torch's fused Adam, that parameter and its state unchanged.
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(7, 5, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = make_optimizer("adam", [("w", params[0]), ("b", params[1])], lr=0.05)
+    torch_adam = torch.optim.Adam(twins, lr=0.05, fused=True)
+    for step in range(5):
+        for o, (w, b) in ((opt, params), (torch_adam, twins)):
+            o.zero_grad()
+            loss = w.pow(2).sum() if step == 3 else (w.sin().sum(0) * b).pow(2).sum()  # step 3: no gradient for b
+            loss.backward()
+            o.step()
+        if step == 3:
+            assert params[1].grad is None
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+    steps = [float(s["step"]) for s in opt.state_dict()["dense"]["state"].values()]
+    assert steps == [float(s["step"]) for s in torch_adam.state_dict()["state"].values()] == [5.0, 4.0]

@@ -15,15 +15,9 @@ from ppl_models.bigram import BigramTransitions
 from ppl_models.data.ptb import PTB_VOCAB_SIZE, SentenceDataset, encode_sentences, ptb_splits
 from ppl_models.data.text import TextDataError, Vocab
 from ppl_models.infer.annealing import MIN_WEIGHT, AnnealedTrainer, KLSchedule
-from ppl_models.lstm_lm import (
-    BOS_INDEX,
-    EOS_INDEX,
-    PAD_INDEX,
-    UNK_INDEX,
-    TokenCategorical,
-    shift_inputs,
-    word_dropout,
-)
+from ppl_models.distributions import TokenCategorical
+from ppl_models.encodings import BOS_INDEX, EOS_INDEX, PAD_INDEX, UNK_INDEX
+from ppl_models.lstm_lm import shift_inputs, word_dropout
 from ppl_models.spec import ShapeError
 
 V = 9  # 4 specials + 5 words

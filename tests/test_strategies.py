@@ -15,6 +15,8 @@ from ppl_models.data import TensorDataset
 from ppl_models.infer.evaluate import evaluate, log_weights
 from ppl_models.infer import Trainer
 from ppl_models.app.cli import main as cli_main
+from ppl_models.app.experiment import Experiment
+from ppl_models.infer import diagnostics
 from ppl_models.infer.strategies import (
     INNER_LOOPS,
     LOCAL_LR,
@@ -44,6 +46,18 @@ def conjugate_problem(num_data=8, z_dim=2, x_dim=4, seed=0):
     return inst, params, x
 
 
+REPLICAS = 16  # independent copies of the 8 datapoints: each copy's λ_i gets its own gradient noise
+
+
+def replicated_lambda_error(lam, target):
+    """λ = (z_loc, softplus(z_scale_raw)) of the REPLICAS copies against the closed-form optimum ``target``
+    ``(8, 4)``: the deviations ``(REPLICAS, 8, 4)`` and their spread over the copies ``(8, 4)``, the standard error
+    of one run's λ as an estimate of the optimum."""
+    z_loc, z_scale_raw = lam["z"].split(2, dim=-1)
+    est = torch.cat([z_loc, torch.nn.functional.softplus(z_scale_raw)], -1).reshape(REPLICAS, 8, 4)
+    return est - target, est.std(0)
+
+
 @pytest.mark.slow
 def test_inner_steps_reach_the_closed_form_optimal_mean_field_lambda():
     """For a Gaussian posterior N(m, S) the optimal diagonal-Gaussian q has loc m and scales diag(S^-1)^-1/2."""
@@ -53,12 +67,12 @@ def test_inner_steps_reach_the_closed_form_optimal_mean_field_lambda():
         precision = torch.eye(2) + params.W.T @ params.W / params.sigma**2
         optimal_scale = precision.diagonal().rsqrt()
     elbo = pyro.infer.Trace_ELBO(num_particles=64, vectorize_particles=True, max_plate_nesting=1)
-    lam0 = initial_lambda(inst.spec, x.shape[0])
-    lam = refine(inst.model, inst.spec, lam0, (x,), None, num_steps=1500, lr=0.02, elbo=elbo)
-    z_loc, z_scale_raw = lam["z"].split(2, dim=-1)
-    # Tolerances: the stationary noise of SGD with 64-sample gradients at this step size, measured ~0.01.
-    torch.testing.assert_close(z_loc, m, atol=0.05, rtol=0)
-    torch.testing.assert_close(torch.nn.functional.softplus(z_scale_raw), optimal_scale.expand(8, 2), atol=0.05, rtol=0)
+    lam0 = initial_lambda(inst.spec, 8 * REPLICAS)
+    lam = refine(inst.model, inst.spec, lam0, (x.repeat(REPLICAS, 1),), None, num_steps=1500, lr=0.02, elbo=elbo)
+    error, sd = replicated_lambda_error(lam, torch.cat([m, optimal_scale.expand(8, 2)], -1))
+    # Every run's λ within 5 standard errors of the optimum, the standard error being SGD's stationary noise
+    # measured from the 16 independent runs (about 0.002-0.02; from the prior the error is about 1).
+    assert (error.abs() <= 5 * sd).all(), (error.abs() / sd).max()
 
 
 def test_refinement_changes_no_parameter_gradient():
@@ -102,13 +116,38 @@ def test_semi_amortized_elbo_exceeds_amortized_at_the_same_parameters(optimizer)
     gain = semi.elbo - amortized.elbo
     se = gain.std() / len(gain) ** 0.5
     assert gain.mean() > 5 * se  # an untrained encoder leaves a large amortization gap
-    # and both stay below the IWAE estimate of log p(x), which does not depend on q
-    assert semi.elbo.mean() <= semi.log_likelihood.mean()
+    # log p(x) does not depend on q: the two IWAE-200 estimates agree within 5 standard errors of their paired
+    # differences (their biases, about Var(w/p) / 2K, are below that; measured 0.013 ± 0.008 and 0.021 ± 0.012).
+    diff = semi.log_likelihood - amortized.log_likelihood
+    assert abs(diff.mean()) <= 5 * diff.std() / len(diff) ** 0.5
 
 
 def _trainer(inst, x, strategy, **kwargs):
     guide, step = make_strategy(strategy, inst.model, inst.guide, inst.spec, dict(inst.modules), num_steps=5, lr=0.1, **kwargs)
     return Trainer(inst.model, guide, TensorDataset(x), step_fn=step, batch_size=16, num_epochs=1, lr=1e-2, progress=False)
+
+
+def test_a_time_limit_stops_at_the_step_where_the_clock_passes_it():
+    """The strategies' wall-time budget (time_limit) read from an injected clock, so the test does not depend on
+    the machine's speed: every step takes 3 fake seconds, so a 40 s budget stops after step 14 (clock at 42 s;
+    39 s after step 13), 6 batches into the second epoch of 8; the first epoch took 24 fake seconds."""
+    inst, x = small_vae()
+    now = [1000.0]
+
+    def three_seconds_a_step(trainer, step, loss):
+        now[0] += 3.0
+
+    trainer = Trainer(inst.model, inst.guide, TensorDataset(x), batch_size=8, num_epochs=100, time_limit=40.0,
+                      clock=lambda: now[0], callback=three_seconds_a_step, progress=False)
+    result = trainer.fit()
+    assert (result.step, result.epoch, trainer.batch_in_epoch) == (14, 1, 6)
+    assert result.wall_time == 42.0 and trainer.history["epoch_time"] == [24.0]
+    # max_steps, the budget in steps, wins when it comes first.
+    pyro.clear_param_store()
+    inst, x = small_vae()
+    trainer = Trainer(inst.model, inst.guide, TensorDataset(x), batch_size=8, num_epochs=100, time_limit=40.0,
+                      max_steps=5, clock=lambda: now[0], callback=three_seconds_a_step, progress=False)
+    assert trainer.fit().step == 5
 
 
 @pytest.mark.parametrize("strategy, refine_grad", [("svi-inner", "stop"), ("semi-amortized", "stop"), ("semi-amortized", "end-to-end")])
@@ -237,7 +276,8 @@ def test_test_time_loop_from_the_prior_reaches_the_optimal_mean_field_elbo():
 
     ELBO(q) = log p(x) - KL(q || p(z | x)) exactly, so the ELBO lost to the optimal diagonal Gaussian q* is
     KL(q || post) - KL(q* || post) in closed form.  From the prior it is 7.3 nats per datapoint; the loop must
-    leave under 0.05 (measured 0.018-0.027 over seeds 0-3, and no better after 500 steps: the Adam noise floor).
+    leave under 0.05 (measured 0.02, and no better after 500 steps: the Adam noise floor).  16 independent copies
+    of the 8 datapoints give the standard errors.
     """
     inst, params, x = conjugate_problem()
     with torch.no_grad():
@@ -246,18 +286,23 @@ def test_test_time_loop_from_the_prior_reaches_the_optimal_mean_field_elbo():
         optimal_scale = precision.diagonal().rsqrt().expand(8, 2)
     posterior = MultivariateNormal(m, scale_tril=scale_tril)
 
-    def lost(lam):
-        z_loc, z_scale_raw = lam["z"].split(2, dim=-1)
+    def lost(lam):  # (copies,): the ELBO lost per datapoint, averaged over the 8 datapoints of each copy
+        z_loc, z_scale_raw = lam["z"].reshape(-1, 8, 4).split(2, dim=-1)
         q = MultivariateNormal(z_loc, scale_tril=torch.diag_embed(torch.nn.functional.softplus(z_scale_raw)))
         best = MultivariateNormal(m, scale_tril=torch.diag_embed(optimal_scale))
-        return float((kl_divergence(q, posterior) - kl_divergence(best, posterior)).mean())
+        return (kl_divergence(q, posterior) - kl_divergence(best, posterior)).mean(-1)
 
     lam0 = initial_lambda(inst.spec, 8)
     guide = inference_guide("svi-inner", inst.model, inst.spec, None)
     with torch.no_grad():
-        lam = guide.lambda_for(x, None)
-    assert lost(lam0) > 5
-    assert 0 <= lost(lam) < 0.05
+        lam = guide.lambda_for(x.repeat(REPLICAS, 1), None)
+    assert float(lost(lam0)) > 5
+    # The expected loss below 0.05 with 5 standard errors (over the copies) to spare, and every run's λ
+    # within 5 standard errors (the spread of the copies' λ) of the optimum: noise, no bias.
+    per_copy = lost(lam)
+    assert float(per_copy.mean() + 5 * per_copy.std() / REPLICAS**0.5) < 0.05, per_copy
+    error, sd = replicated_lambda_error(lam, torch.cat([m, optimal_scale], -1))
+    assert (error.abs() <= 5 * sd).all(), (error.abs() / sd).max()
 
 
 def test_svi_local_step_moves_the_stored_lambda_at_its_own_step_size():
@@ -303,7 +348,15 @@ def test_every_strategy_runs_through_ppl_models_fit(tmp_path, shared_data, strat
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_data"] == 8 and metrics["num_samples"] == 4  # the test split, also for per-datapoint λ
-    assert metrics["elbo"] <= metrics["log_likelihood"]
+    # The reported test ELBO and IWAE-4 belong to the saved run: evaluating its checkpoint again (fresh draws,
+    # and for svi-local/svi-inner λ refitted from the prior) gives per-image estimates of the same expectations,
+    # so the mean paired difference is within 5 of its standard errors.
+    reported = diagnostics.load_netcdf(run_dir / "eval.nc")
+    torch.manual_seed(1)
+    again = Experiment.from_run_dir(run_dir).evaluate()
+    for name, before in (("elbo", reported.sample_stats["elbo"]), ("log_likelihood", reported.log_likelihood["x"])):
+        d = getattr(again, name) - before.values.reshape(-1)
+        assert abs(d.mean()) <= 5 * d.std(ddof=1) / len(d) ** 0.5, (name, d)
     history = json.loads((run_dir / "history.json").read_text())
     assert history["step"] == [2]  # 64 images, batches of 32, one epoch
     assert f'strategy = "{strategy}"' in (run_dir / "config.toml").read_text()

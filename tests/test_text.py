@@ -6,10 +6,6 @@ import pytest
 import torch
 
 from ppl_models.data.text import (
-    BOS,
-    EOS,
-    PAD,
-    UNK,
     TextDataError,
     Vocab,
     check_length,
@@ -19,6 +15,7 @@ from ppl_models.data.text import (
     read_parallel,
     read_sentences,
 )
+from ppl_models.encodings import BOS, EOS, PAD, UNK
 
 
 def test_vocab_build_orders_by_frequency_and_maps_unknown():

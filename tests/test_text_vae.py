@@ -11,9 +11,10 @@ import torch
 from pyro import poutine
 
 from ppl_models import registry
+from ppl_models.encodings import BOS_INDEX, EOS_INDEX, PAD_INDEX, UNK_INDEX
 from ppl_models.infer.evaluate import log_weights
 from ppl_models.infer.objectives import make_elbo
-from ppl_models.lstm_lm import BOS_INDEX, EOS_INDEX, PAD_INDEX, UNK_INDEX, shift_inputs
+from ppl_models.lstm_lm import shift_inputs
 from ppl_models.spec import ShapeError
 from ppl_models.text_vae import generate
 

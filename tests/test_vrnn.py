@@ -11,8 +11,8 @@ import torch
 from pyro import poutine
 
 from ppl_models import registry
+from ppl_models.encodings import EOS_INDEX, PAD_INDEX
 from ppl_models.infer.evaluate import log_weights
-from ppl_models.lstm_lm import EOS_INDEX, PAD_INDEX
 
 V = 7  # 4 specials + 3 words
 

@@ -4,18 +4,21 @@
     train (or resume) the experiment, evaluate it and write the run directory;
 ``ppl-models fit CONFIG.toml --nproc N [--device cuda]``, ``torchrun --nproc-per-node N -m ppl_models fit CONFIG.toml``
     the same with N data-parallel processes (:mod:`ppl_models.infer.distributed`);
-``ppl-models evaluate RUN_DIR [--num-samples K]``
-    evaluate the newest checkpoint of a run;
+``ppl-models evaluate RUN_DIR [--num-samples K] [--checkpoint PATH]``
+    evaluate the newest checkpoint of a run (or the one named: a damaged newest checkpoint is refused);
 ``ppl-models list``
     the registered models, guides, data sets, ELBOs and optimizers;
 ``ppl-models compare CONFIG.toml [-o SECTION.KEY=VALUE ...] [--run-dir DIR]``
     compare gradient estimators (:mod:`ppl_models.compare`): tables, netCDF and plots in the run directory;
-``ppl-models align RUN_DIR SRC_FILE TGT_FILE [-o OUT]``
-    Pharaoh alignments (``i-j`` source-target pairs, 0-based) of a trained latent-alignment run, one line per pair.
+``ppl-models align RUN_DIR SRC_FILE TGT_FILE [-o OUT] [--links M] [--threshold P] [--reverse RUN_DIR] [--gold FILE]``
+    Pharaoh alignments (``i-j`` source-target pairs, 0-based) of a trained ``alignment`` or ``ibm1`` run, one line
+    per pair; with ``--reverse`` both directions symmetrized, with ``--gold`` AER/precision/recall on stderr
+    (:func:`ppl_models.tasks.alignment.align_text`).
 
-Errors in the input (configuration, names, data, shapes, checkpoints) print one
-line ``error: ...`` and exit with status 2; SIGINT/SIGTERM during training write
-a checkpoint and exit with 128 + the signal number.
+Errors in the input (configuration, names, data, shapes, checkpoints, the run
+directory and the file system) print one line ``error: ...`` and exit with
+status 2; SIGINT/SIGTERM during training write a checkpoint and exit with 128 +
+the signal number.  Run directories are guarded (:mod:`ppl_models.app.rundir`).
 """
 
 from __future__ import annotations
@@ -26,17 +29,26 @@ import os
 import sys
 from typing import List, Optional
 
-from ppl_models.app.config import ConfigError, parse_override
-from ppl_models.data.files import DataFileError
-from ppl_models.infer import NonFiniteLossError, TrainingInterrupted
-from ppl_models.infer.checkpoint import CheckpointError
-from ppl_models.infer.distributed import DEVICE_HELP, DistributedJobError, in_torchrun
-from ppl_models.registry import UnknownNameError
-from ppl_models.spec import ShapeError
+from ppl_models.runtime import DEVICE_HELP, configure_threads, in_torchrun
 
-__all__ = ["main", "build_parser"]
+# Nothing above imports torch or Pyro: ``--help`` and argument errors answer at once, and the threading policy
+# (ppl_models.runtime) is set before torch starts OpenMP.  Each command imports what it needs.
 
-USER_ERRORS = (ConfigError, UnknownNameError, ShapeError, DataFileError, CheckpointError, NonFiniteLossError, TypeError, ValueError)
+__all__ = ["main", "build_parser", "user_errors"]
+
+
+def user_errors() -> tuple:
+    """The exceptions that are the user's input errors: one line ``error: ...``, exit status 2."""
+    from ppl_models.app.config import ConfigError
+    from ppl_models.app.rundir import RunDirError
+    from ppl_models.data.files import DataFileError
+    from ppl_models.infer import NonFiniteLossError
+    from ppl_models.infer.checkpoint import CheckpointError
+    from ppl_models.registry import UnknownNameError
+    from ppl_models.spec import ShapeError
+
+    return (ConfigError, UnknownNameError, ShapeError, DataFileError, CheckpointError, RunDirError,
+            NonFiniteLossError, TypeError, ValueError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config key, e.g. -o train.lr=3e-4 (repeatable; the value is read as TOML)")
     fit.add_argument("--run-dir", help="run directory (default: [output].run_dir)")
-    fit.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run directory")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue from the newest readable checkpoint of the run directory (refused when there is "
+                          "none, or when the configuration differs from the run's)")
     fit.add_argument("--num-epochs", type=int, help="shorthand for -o train.num_epochs=N")
     fit.add_argument("--seed", type=int, help="shorthand for -o train.seed=N")
     fit.add_argument("--num-samples", type=int, help="importance samples K for the evaluation")
@@ -64,18 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=int, help="importance samples K (default: [evaluate].num_samples)")
     ev.add_argument("--split", help="data split to evaluate (default: [evaluate].split)")
     ev.add_argument("--batch-size", type=int, help="datapoints per evaluation batch")
+    ev.add_argument("--checkpoint", metavar="PATH",
+                    help="evaluate this checkpoint (a path, or a file name in RUN_DIR/checkpoints) instead of the newest")
     ev.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("list", help="list registered models, guides, data sets, ELBOs and optimizers")
 
-    al = sub.add_parser("align", help="Pharaoh alignments (i-j, 0-based source-target) of a trained alignment run")
-    al.add_argument("run_dir", help="run directory of a trained 'alignment' model")
-    al.add_argument("src_file", help="tokenized source sentences, one per line")
+    al = sub.add_parser("align", help="Pharaoh alignments (i-j, 0-based source-target) of a trained 'alignment' or "
+                                      "'ibm1' run; both directions symmetrized; AER against gold")
+    al.add_argument("run_dir", help="run directory of a trained 'alignment' or 'ibm1' model (SRC_FILE -> TGT_FILE)")
+    al.add_argument("src_file", help="tokenized source sentences, one per line (normalized as the run's text was)")
     al.add_argument("tgt_file", help="tokenized target sentences, one per line (same line count)")
     al.add_argument("-o", "--output", help="write the alignments here (atomically) instead of to stdout")
-    al.add_argument("--posterior", default="auto", choices=("auto", "posterior", "prior", "guide"),
-                    help="auto: exact posterior p(z|x,y) (soft: its attention weights); guide: q(z|x,y)")
+    al.add_argument("--links", default="posterior", choices=("posterior", "q", "prior", "threshold"),
+                    help="posterior: argmax of p(z|x,y) (ibm1: Viterbi, NULL = unaligned); q: argmax of the inference "
+                         "network; prior: argmax of p(z|x,y<t) (soft: its attention); threshold: every source word "
+                         "with posterior > --threshold")
+    al.add_argument("--threshold", type=float, default=None,
+                    help="with --links threshold: the posterior cut (default 0.5); with an argmax: a target word whose "
+                         "best link is not above it stays unaligned (NULL)")
+    al.add_argument("--reverse", metavar="RUN_DIR",
+                    help="a run of the other direction (TGT_FILE -> SRC_FILE): align both and symmetrize")
+    al.add_argument("--symmetrize", default="intersection", choices=("intersection", "union", "grow-diag-final"),
+                    help="how --reverse combines the directions (default: %(default)s)")
+    al.add_argument("--gold", metavar="FILE", help="score against gold links 'sentence i j [S|P]' (1-based, SRC_FILE "
+                                                   "position first): AER, precision, recall on stderr")
+    al.add_argument("--gold-reversed", action="store_true", help="the gold file lists TGT_FILE positions first")
     al.add_argument("--max-len", type=int, default=200, help="longest sentence accepted (tokens)")
+    al.add_argument("--no-progress", action="store_true")
 
     cmp = sub.add_parser("compare", help="compare gradient estimators (variance, SNR, training over seeds, ArviZ)")
     cmp.add_argument("config", help="comparison TOML file (see ppl_models/compare/)")
@@ -87,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> dict:
+    from ppl_models.app.config import parse_override
+
     overrides = dict(parse_override(text) for text in getattr(args, "overrides", []))
     for flag, key in (("num_epochs", "train.num_epochs"), ("seed", "train.seed"), ("device", "train.device")):
         if getattr(args, flag, None) is not None:
@@ -113,25 +145,18 @@ def run(args) -> int:
     if args.command == "list":
         from ppl_models import registry
         from ppl_models.app.experiment import DATASETS
-        from ppl_models.infer import ELBO_NAMES, OPTIMIZER_NAMES
+        from ppl_models.infer import ESTIMATOR_NAMES, OPTIMIZER_NAMES
 
         for name in registry.model_names():
             print(f"model {name}: guides {', '.join(registry.guide_names(name))}")
         print("data sets:", ", ".join(sorted(DATASETS)))
-        print("ELBOs:", ", ".join(ELBO_NAMES))
+        print("objectives and estimators ([train] elbo, [compare] estimators):", ", ".join(ESTIMATOR_NAMES))
         print("optimizers:", ", ".join(OPTIMIZER_NAMES))
         return 0
     if args.command == "align":
-        from ppl_models.alignment import align_files
-
-        lines = align_files(args.run_dir, args.src_file, args.tgt_file, args.output, source=args.posterior,
-                            max_len=args.max_len)
-        if args.output is None:
-            sys.stdout.write("".join(line + "\n" for line in lines))
-        else:
-            print(f"wrote {len(lines)} alignment lines to {args.output}", file=sys.stderr)
-        return 0
+        return _align(args)
     if args.command == "compare":
+        from ppl_models.app.config import parse_override
         from ppl_models.compare import load_compare_config, run_comparison
 
         overrides = dict(parse_override(text) for text in args.overrides)
@@ -152,20 +177,66 @@ def run(args) -> int:
         result, metrics = experiment.fit(resume=args.resume, evaluate=not args.no_evaluate, num_samples=args.num_samples)
         if in_torchrun() and os.environ.get("RANK", "0") != "0":
             return 0
-        print(f"trained {result.step} steps, {result.epoch} epochs in {result.wall_time:.1f} s; run directory {experiment.run_dir}")
+        print(f"trained {result.step} steps, {result.epoch} epochs: set-up {result.setup_seconds:.1f} s "
+              f"(compile {result.compile_seconds:.1f} s), training {result.train_seconds:.1f} s (validation "
+              f"{result.valid_seconds:.1f} s); fast path: {result.fast_path}; run directory {experiment.run_dir}")
     else:
         experiment = Experiment.from_run_dir(args.run_dir, _overrides(args))
-        metrics = experiment.evaluate(num_samples=args.num_samples, split=args.split, batch_size=args.batch_size)
+        metrics = experiment.evaluate(num_samples=args.num_samples, split=args.split, batch_size=args.batch_size,
+                                      checkpoint=args.checkpoint)
     if metrics is not None:
         _print_metrics(metrics.to_metrics())
+    return 0
+
+
+def _align(args) -> int:
+    """``ppl-models align``: load the run(s) as aligners (their task module's ``load_aligner``), align, write the
+    Pharaoh lines (each line's links by target position), report unknown tokens and, with ``--gold``, the scores."""
+    from ppl_models.app.experiment import Experiment, task_module
+    from ppl_models.atomic import atomic_write_bytes
+    from ppl_models.data.text import read_parallel
+    from ppl_models.tasks import aer
+    from ppl_models.tasks.alignment import align_text
+
+    def load(run_dir):
+        experiment = Experiment.from_run_dir(run_dir, {"train.progress": False})
+        loader = getattr(task_module(experiment.config.model.name), "load_aligner", None)
+        if loader is None:
+            raise ValueError(f"{run_dir}: model {experiment.config.model.name!r} is not an aligner; ppl-models align "
+                             "takes runs of 'alignment' and 'ibm1'")
+        return loader(experiment, max_len=args.max_len)
+
+    forward = load(args.run_dir)
+    reverse = load(args.reverse) if args.reverse else None
+    src, tgt = read_parallel(args.src_file, args.tgt_file)
+    gold = aer.read_gold(args.gold, num_sentences=len(src)) if args.gold else None  # checked before the work
+    result = align_text(forward, src, tgt, reverse=reverse, links=args.links, threshold=args.threshold,
+                        symmetrize=args.symmetrize, progress=not args.no_progress)
+    text = "".join(" ".join(f"{i}-{j}" for i, j in sorted(links, key=lambda x: (x[1], x[0]))) + "\n"
+                   for links in result.links)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.output, lambda f: f.write(text.encode()))
+        print(f"wrote {len(result.links)} alignment lines to {args.output}", file=sys.stderr)
+    for name, c in result.unknown.items():
+        print(f"unknown tokens (<unk>), {name}: source {c['src_unknown']}/{c['src_tokens']} "
+              f"({100 * c['src_unknown'] / max(1, c['src_tokens']):.1f} %), target {c['tgt_unknown']}/{c['tgt_tokens']} "
+              f"({100 * c['tgt_unknown'] / max(1, c['tgt_tokens']):.1f} %)", file=sys.stderr)
+    if gold is not None:
+        if args.gold_reversed:
+            gold = [aer.GoldLinks(frozenset(aer.transpose(g.sure)), frozenset(aer.transpose(g.possible))) for g in gold]
+        print(f"{'links':<24} {'AER':>6} {'precision':>9} {'recall':>6} {'|A|':>6}", file=sys.stderr)
+        for name, s in result.scores(gold, args.symmetrize).items():
+            print(f"{name:<24} {s.aer:6.3f} {s.precision:9.3f} {s.recall:6.3f} {s.num_predicted:6d}", file=sys.stderr)
     return 0
 
 
 def _launch_fit(args, experiment) -> int:
     """``fit --nproc N``: this process becomes the job's agent and starts N processes of ``python -m ppl_models
     fit`` (the same arguments, without ``--nproc``); the configuration was checked once, above."""
-    from ppl_models.infer.distributed import launch
     from ppl_models.infer.checkpoint import latest_checkpoint
+    from ppl_models.infer.distributed import DistributedJobError, launch
 
     argv = _strip_nproc(getattr(args, "argv", sys.argv[1:]))
     try:
@@ -197,14 +268,18 @@ def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    configure_threads()
+    from ppl_models.infer import TrainingInterrupted
+
     where = f"[rank {os.environ['RANK']}] " if in_torchrun() and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
         return run(args)
     except TrainingInterrupted as exc:
         print(f"{where}stopped: {exc}. Continue with --resume.", file=sys.stderr)
         return 128 + exc.signum
-    except USER_ERRORS as exc:
-        print(f"{where}error: {exc}", file=sys.stderr)
+    except user_errors() as exc:
+        message = str(exc).split("\nTrace Shapes:")[0]  # Pyro appends its table of site shapes to errors in a model
+        print(f"{where}error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

@@ -29,7 +29,10 @@
     run_dir = "runs/vae_mnist"
 
 Unknown sections or keys are errors that name the key and list the valid ones;
-a value of the wrong type names the expected type.  ``[model]`` and ``[guide]``
+a value of the wrong type names the expected type; a value out of its range (``lr``
+not a finite number > 0, ``max_steps`` < 1, ``keep_last`` < 0, ``evaluate.num_samples``
+< 1, a ``split`` other than train/valid/test, an empty ``run_dir``, ...) is an error
+when the file is read, before a run directory is touched or training starts.  ``[model]`` and ``[guide]``
 keys other than ``name`` are the hyperparameters of the model's ``build`` and
 the guide's ``build`` functions and are checked against their signatures.
 """
@@ -37,6 +40,7 @@ the guide's ``build`` functions and are checked against their signatures.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -102,30 +106,60 @@ class TrainConfig:
     inner_optimizer: Optional[str] = None  # the refinement's steps: "sgd" (the lecture's, clipped) or "adam"
     inner_lr_decay: Optional[float] = None  # the step size decays geometrically to inner_lr * inner_lr_decay
     local_lr: Optional[float] = None  # svi-local: Adam step size of the stored λ_i (unset: the measured 0.1)
-    elbo: str = "Trace_ELBO"
+    elbo: str = "Trace_ELBO"  # objective + gradient rule by name (ppl_models.infer.objectives), e.g. "IWAE"
     num_particles: int = 1
     optimizer: str = "adam"
     lr: float = 1e-3
     batch_size: int = 128
     num_epochs: int = 10
     max_steps: Optional[int] = None
-    time_limit: Optional[float] = None  # stop training after this many seconds of one fit call (a wall-time budget)
+    # stop when the training clock reaches this many seconds: from the first training step (set-up and compile not
+    # counted), validation included, summed over --resume calls (a wall-time budget)
+    time_limit: Optional[float] = None
+    # the learning rate over the run (ppl_models.infer.schedules): "constant", "step" (Burda et al. 2016: 8 stages
+    # of lengths ∝ 3^i, lr·ρ^(i/7)) or "cosine", over the run's steps or, with time_limit, its seconds; or "plateau":
+    # halved at each validation not better than the best so far (Deng et al. 2018)
+    lr_schedule: str = "constant"
+    warmup: float = 0.0  # linear lr warm-up: 0 (none), a fraction of the run in (0, 1), or a whole number of steps
+    lr_final: Optional[float] = None  # the lr at the end of a "step"/"cosine" schedule (unset: lr / 10)
     seed: int = 0
-    keep_last: int = 2
+    keep_last: int = 2  # the run's newest checkpoints kept on disk (>= 1), or 0: keep all (ppl_models.infer.checkpoint)
     progress: bool = True
     validate: bool = True  # report the validation ELBO each epoch
+    valid_subset: int = 2000  # validate on this many fixed rows of the validation split (0: all of them)
+    valid_every: Optional[int] = None  # validate every this many steps (unset: at the end of each epoch)
+    early_stopping: int = 0  # stop after this many validations in a row not better than the best (0: never)
     device: str = "cpu"  # "cpu", "cuda" (each process: the GPU of its local rank) or "cuda:K" (ppl_models.infer.distributed)
-    fast_path: object = False  # false, true/"eager", "compile" or "auto": the captured ELBO (ppl_models.infer.fastpath)
+    # "auto" (the fast path wherever it applies, compiled when the run repays it), false, true/"eager" or "compile":
+    # the captured ELBO (ppl_models.infer.fastpath); the run records which path ran (train.json)
+    fast_path: object = "auto"
 
     def __post_init__(self):
         # A strategy's names are checked when the file is read, before a run directory is written.
+        from ppl_models.infer.fastpath import fast_path_mode
+        from ppl_models.infer.objectives import estimator_spec
+        from ppl_models.infer.schedules import make_lr_schedule
         from ppl_models.infer.strategies import INNER_OPTIMIZERS, REFINE_GRADS, STRATEGIES
 
+        try:  # one vocabulary with [compare] estimators: Pyro's ELBOs, IWAE and the package's estimators
+            estimator_spec(self.elbo)
+        except UnknownNameError as exc:
+            raise ConfigError(f"[train] elbo: {exc}") from None
         for key, value, valid in (("strategy", self.strategy, STRATEGIES),
                                   ("refine_grad", self.refine_grad, REFINE_GRADS),
                                   ("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)):
             if value is not None and value not in valid:
                 raise ConfigError(f"[train] {UnknownNameError(key.replace('_', ' '), value, valid)}")
+        try:
+            fast_path_mode(self.fast_path)
+            make_lr_schedule(self.lr_schedule, warmup=self.warmup, lr=self.lr, lr_final=self.lr_final)
+        except (ValueError, UnknownNameError) as exc:
+            raise ConfigError(f"[train] {exc}") from None
+        for key, value, least in (("valid_subset", self.valid_subset, 0), ("valid_every", self.valid_every, 1),
+                                  ("early_stopping", self.early_stopping, 0)):
+            if value is not None and value < least:
+                raise ConfigError(f"[train] {key}: expected an integer >= {least}, received {value!r}")
+        _check_numbers("train", self, _TRAIN_NUMBERS)
 
 
 @dataclass
@@ -146,12 +180,48 @@ class EvaluateConfig:
             fast_path_mode(self.fast_path)
         except ValueError as exc:
             raise ConfigError(f"[evaluate] {exc}") from None
+        if self.split not in SPLITS:
+            raise ConfigError(f"[evaluate] {UnknownNameError('split', self.split, SPLITS)}")
+        _check_numbers("evaluate", self, _EVALUATE_NUMBERS)
 
 
 @dataclass
 class OutputConfig:
-    run_dir: str = "runs/experiment"
+    run_dir: str = "runs/experiment"  # a directory that does not exist, is empty, or holds a run (its marker)
     plots: bool = True
+
+    def __post_init__(self):
+        if not self.run_dir.strip():
+            raise ConfigError("[output] run_dir: expected a directory path, received an empty string "
+                              "(it would be the current directory)")
+
+
+#: The data splits a data set's loader returns (``evaluate.split`` is one of them).
+SPLITS = ("train", "valid", "test")
+
+# Numeric settings checked when a config is read, before a run directory is touched or training starts:
+# key -> (kind, least); kind "int": an integer >= least; "float": a finite number > least.
+_TRAIN_NUMBERS = {"lr": ("float", 0), "num_particles": ("int", 1), "batch_size": ("int", 1),
+                  "num_epochs": ("int", 1), "max_steps": ("int", 1), "time_limit": ("float", 0),
+                  "keep_last": ("int", 0)}  # keep_last: checkpoints kept (>= 1), or 0: keep all
+_EVALUATE_NUMBERS = {"num_samples": ("int", 1), "batch_size": ("int", 1)}
+
+
+def _check_numbers(section: str, values, rules: Mapping[str, Tuple[str, float]]) -> None:
+    """One :class:`ConfigError` naming ``[section] key`` for the first value outside its range (``None``, an unset
+    optional value, passes)."""
+    for key, (kind, least) in rules.items():
+        value = getattr(values, key)
+        if value is None:
+            continue
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+            want = "an integer >= 1 (checkpoints kept) or 0 (keep all)" if key == "keep_last" else f"an integer >= {least}"
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > least
+            want = f"a finite number > {least}"
+        if not ok:
+            raise ConfigError(f"[{section}] {key}: expected {want}, received {value!r}")
 
 
 _SECTIONS = {

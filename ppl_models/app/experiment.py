@@ -5,7 +5,8 @@ example scripts.  A run directory holds::
 
     config.toml        the resolved configuration
     checkpoints/       atomic checkpoints (step-<step>.pt)
-    history.json       ELBO per epoch and running means
+    history.json       ELBO per epoch and running means (and the learning rate)
+    train.json         steps, seconds of set-up / compile / training / validation, the path the steps took
     metrics.json       evaluation: test log-likelihood (IWAE-K), ELBO, KL, Pareto k-hat
     eval.nc            ArviZ InferenceData with the pointwise log-likelihood
     elbo.png, prior_samples.png, reconstructions.png
@@ -13,9 +14,13 @@ example scripts.  A run directory holds::
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Dict, Optional
 
 import pyro
@@ -26,24 +31,18 @@ from ppl_models.app.config import Config, ConfigError, load_config, to_toml
 from ppl_models.data import mnist_splits
 from ppl_models.data.parallel import multi30k_splits, parallel_splits, synthetic_splits
 from ppl_models.data.quadrants import quadrant_splits
+from ppl_models.app.rundir import RunDir, identity
 from ppl_models.infer import Trainer
-from ppl_models.atomic import atomic_write_bytes
-from ppl_models.infer.checkpoint import CheckpointError
+from ppl_models.infer.checkpoint import CheckpointError, missing_checkpoint_reason
 from ppl_models.infer.strategies import guide_for_strategy, inference_guide, inner_loop, make_strategy
 from ppl_models.registry import UnknownNameError
 
-__all__ = ["DATASETS", "MODEL_HOOKS", "Experiment", "register_dataset", "register_model_hooks"]
+__all__ = ["DATASETS", "Experiment", "register_dataset", "task_module"]
 
 #: Data loaders by name: ``loader(**options) -> {"train": Dataset, "valid": Dataset, "test": Dataset}``.
 DATASETS: Dict[str, Callable[..., dict]] = {"mnist": mnist_splits, "mnist-quadrants": quadrant_splits}
 
 DATASETS.update({"multi30k": multi30k_splits, "parallel": parallel_splits, "synthetic-alignment": synthetic_splits})
-
-#: Per-model hooks, registered by a model's module (:func:`register_model_hooks`):
-#: ``resolve(config) -> config`` fills in or checks settings the model fixes (e.g. the ELBO and guide of a variant),
-#: before the run directory's config.toml is written; ``evaluate(experiment, instance, dataset, split) -> result``
-#: replaces the importance-sampling evaluation (``result.save(run_dir)``, ``result.to_metrics()``).
-MODEL_HOOKS: Dict[str, Dict[str, Callable]] = {}
 
 _LIMITS = ("limit_train", "limit_valid", "limit_test")
 
@@ -52,12 +51,24 @@ def register_dataset(name: str, loader: Callable[..., dict]) -> None:
     DATASETS[name] = loader
 
 
-def register_model_hooks(model_name: str, **hooks: Callable) -> None:
-    """Register ``resolve`` and/or ``evaluate`` hooks for a model (see :data:`MODEL_HOOKS`)."""
-    unknown = set(hooks) - {"resolve", "evaluate"}
-    if unknown:
-        raise UnknownNameError("model hook", sorted(unknown)[0], ("resolve", "evaluate"))
-    MODEL_HOOKS.setdefault(model_name, {}).update(hooks)
+def task_module(model_name: str) -> Optional[ModuleType]:
+    """The task module ``ppl_models.tasks.<model_name>`` (``-`` written ``_``) of a model, or ``None`` if it has
+    none; its optional ``resolve_config``, ``build_kwargs`` and ``evaluate`` are the interface documented in
+    :mod:`ppl_models.tasks`."""
+    name = model_name.replace("-", "_")
+    if not name.isidentifier():
+        return None
+    module_name = f"ppl_models.tasks.{name}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+
+
+def _task_function(model_name: str, function: str) -> Optional[Callable]:
+    return getattr(task_module(model_name), function, None)
 
 
 def _data_model_kwargs(splits: dict) -> dict:
@@ -127,11 +138,16 @@ class Experiment:
         return splits
 
     def resolve_model_hooks(self) -> None:
-        """Let the model's ``resolve`` hook fill in or check the configuration (see :data:`MODEL_HOOKS`)."""
-        registry.model_names()  # imports the built-in models, which register their hooks
-        resolve = MODEL_HOOKS.get(self.config.model.name, {}).get("resolve")
+        """Let the model's task module fill in or check the configuration (its ``resolve_config``, see
+        :mod:`ppl_models.tasks`); a configuration it rejects is a :class:`ConfigError`."""
+        resolve = _task_function(self.config.model.name, "resolve_config")
         if resolve is not None:
-            self.config = resolve(self.config)
+            try:
+                self.config = resolve(self.config)
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
     def build(self, num_data: int, data_kwargs: Optional[dict] = None) -> registry.Instance:
         """Model and guide with fresh networks, initialised from the run's seed; with a ``[train] strategy``
@@ -148,11 +164,15 @@ class Experiment:
             guide_name = guide_name or implied
         elif guide_name is None:
             guide_name = "amortized"
+        model_kwargs = {**(data_kwargs or getattr(self, "_data_kwargs", None) or {}), **self.model_hparams()}
+        build_kwargs = _task_function(self.config.model.name, "build_kwargs")
+        if build_kwargs is not None:  # the task module turns hyperparameters into build()'s keywords
+            model_kwargs = build_kwargs(model_kwargs)
         instance = registry.instantiate(
             self.config.model.name,
             guide_name,
             num_data=num_data,
-            model_kwargs={**(data_kwargs or getattr(self, "_data_kwargs", None) or {}), **self.model_hparams()},
+            model_kwargs=model_kwargs,
             guide_kwargs=self.config.guide.hparams,
         )
         if t.strategy is not None:
@@ -169,8 +189,15 @@ class Experiment:
         return any("local_params" in name for name in instance.modules.keys())
 
     def trainer(self, splits: dict, instance: registry.Instance, **overrides) -> Trainer:
+        """The engine's :class:`Trainer` for this configuration, or the task module's own trainer (its
+        ``make_trainer``, e.g. exact EM for IBM Model 1); the task's ``validation_loss`` replaces the validation
+        ELBO (:mod:`ppl_models.tasks`)."""
+        make_trainer = _task_function(self.config.model.name, "make_trainer")
+        if make_trainer is not None:
+            return make_trainer(self, splits, instance, **overrides)
         t = self.config.train
         valid = splits.get("valid") if t.validate and not self.is_per_datapoint(instance) else None
+        validation_loss = _task_function(self.config.model.name, "validation_loss")
         kwargs = dict(
             valid=valid,
             elbo=t.elbo,
@@ -181,6 +208,13 @@ class Experiment:
             num_epochs=t.num_epochs,
             max_steps=t.max_steps,
             time_limit=t.time_limit,
+            lr_schedule=t.lr_schedule,
+            warmup=t.warmup,
+            lr_final=t.lr_final,
+            valid_subset=t.valid_subset,
+            valid_every=t.valid_every,
+            early_stopping=t.early_stopping,
+            valid_loss=None if validation_loss is None or valid is None else validation_loss(instance),
             fast_path=t.fast_path,
             seed=t.seed,
             run_dir=self.run_dir,
@@ -197,18 +231,37 @@ class Experiment:
         In a process started by torchrun, or with ``[train] device`` other than ``"cpu"``, the engine trains
         data-parallel (:class:`ppl_models.infer.distributed.DataParallel`; every process of the job runs this):
         rank 0 alone writes the run directory and, after training, evaluates the newest checkpoint.  Returns
-        ``(FitResult, metrics or None)``; ``metrics`` is ``None`` on other ranks."""
-        from contextlib import nullcontext
+        ``(FitResult, metrics or None)``; ``metrics`` is ``None`` on other ranks.  The FitResult's ``setup_seconds``
+        count from here (data loading and building included); the training clock starts at the first step.
 
-        from ppl_models.infer.distributed import DataParallel, in_torchrun, process_group, rank_and_world
+        The run directory (:mod:`ppl_models.app.rundir`) is checked and locked first; a refusal (a directory that
+        is not a run, a run that holds checkpoints without ``resume``, a ``resume`` whose configuration differs or
+        that finds no readable checkpoint) writes nothing; the marker and ``config.toml`` are written only once the
+        data, model, guide and checkpoint are loaded.  Every config value was checked when the config was read."""
+        import time
 
+        from ppl_models.runtime import in_torchrun
+
+        setup_start = time.perf_counter()
         device = self.config.train.device
         parallel = in_torchrun() or device != "cpu"
         self.resolve_model_hooks()
-        with process_group(device) if parallel else nullcontext() as dev:
-            main = rank_and_world()[0] == 0
+        self.evaluate_options(num_samples)  # checked before anything is written or trained
+        main = not in_torchrun() or os.environ.get("RANK", "0") == "0"  # rank 0 writes the run directory
+        run, ident = RunDir(self.run_dir), identity(self.config)
+        try:
             if main:
-                self._write_config(resume)
+                run.open_for_fit(ident, resume)
+            return self._fit(run, ident, main, parallel, resume, evaluate, num_samples, setup_start)
+        finally:
+            run.close()
+
+    def _fit(self, run, ident, main, parallel, resume, evaluate, num_samples, setup_start):
+        from contextlib import nullcontext
+
+        from ppl_models.infer.distributed import DataParallel, process_group
+
+        with process_group(self.config.train.device) if parallel else nullcontext() as dev:
             splits = self.load_data()
             instance = self.build(splits["train"].num_data, _data_model_kwargs(splits))
             if main and self.is_per_datapoint(instance) and self.config.train.validate:
@@ -216,13 +269,23 @@ class Experiment:
                     "note: the per-datapoint guide has no parameters for validation data; validation ELBO skipped",
                     file=sys.stderr,
                 )
-            if main and parallel and self.config.train.fast_path:
+            if main and parallel and self.config.train.fast_path not in (False, "auto"):
                 print("note: the fast path is not used with several processes or a GPU; Pyro's ELBO runs",
                       file=sys.stderr)
             options = {"parallel": DataParallel(instance.modules, device=dev)} if parallel else {}
+            options["setup_start"] = setup_start
             trainer = self.trainer(splits, instance, **options)
             if main and parallel and trainer.parallel.world_size > 1:
                 print(trainer.parallel.describe(trainer.batch_size), file=sys.stderr)
+            if resume and trainer.resume() is None:  # loaded before the run directory is written
+                raise CheckpointError(f"cannot resume {self.run_dir}: no readable checkpoint: "
+                                      f"{missing_checkpoint_reason(self.run_dir / 'checkpoints')}")
+            trainer._setup()  # one loss on the first rows (no generator touched): data/model mismatches fail here
+            if main:
+                run.commit(ident, to_toml(self.config))
+                write_run_files = _task_function(self.config.model.name, "write_run_files")
+                if write_run_files is not None:  # e.g. the vocabularies, for ppl-models align
+                    write_run_files(self.run_dir, splits)
             result = trainer.fit(resume=resume)
             if main and self.config.output.plots:
                 from ppl_models.tasks.plots import plot_elbo_curves
@@ -231,40 +294,51 @@ class Experiment:
         if not (evaluate and main):
             return result, None
         # after data-parallel training this process's networks hold its rows only: evaluate from the checkpoint
-        metrics = self.evaluate(num_samples=num_samples) if parallel else self._evaluate(splits, instance, num_samples)
-        return result, metrics
-
-    def _write_config(self, resume: bool) -> None:
-        path = self.run_dir / "config.toml"
-        text = to_toml(self.config)
-        if path.exists() and not resume:
-            existing = path.read_text()
-            if existing != text and any((self.run_dir / "checkpoints").glob("step-*.pt")):
-                raise ConfigError(
-                    f"{self.run_dir} already holds a run with another configuration; "
-                    "pass --resume to continue it, or choose another run directory"
-                )
-        atomic_write_bytes(path, lambda f: f.write(text.encode()))
+        if parallel:
+            return result, self._evaluate_checkpoint(run, num_samples)
+        evaluated = None if result.checkpoint is None else (run.relative(result.checkpoint), result.step)
+        return result, self._evaluate(splits, instance, num_samples, checkpoint=evaluated)
 
     # ----------------------------------------------------------- evaluate
-    def evaluate(self, num_samples: Optional[int] = None, split: Optional[str] = None, batch_size: Optional[int] = None):
-        """Evaluate the newest checkpoint of the run directory."""
+    def evaluate(self, num_samples: Optional[int] = None, split: Optional[str] = None, batch_size: Optional[int] = None,
+                 checkpoint=None):
+        """Evaluate the newest checkpoint of the run directory, or ``checkpoint`` (a path, or a file name in its
+        ``checkpoints/``); metrics.json records the checkpoint and its step.  The newest checkpoint must be
+        readable: a damaged one is refused (name an older one with ``checkpoint``), never silently replaced.  The
+        options are checked, and the run directory locked and found writable, before any work."""
         self.resolve_model_hooks()
+        self.evaluate_options(num_samples, split, batch_size)
+        run = RunDir(self.run_dir)
+        try:
+            run.open_for_evaluate()
+            return self._evaluate_checkpoint(run, num_samples, split, batch_size, checkpoint)
+        finally:
+            run.close()
+
+    def evaluate_options(self, num_samples=None, split=None, batch_size=None):
+        """``[evaluate]`` with the given values in place of the configured ones, checked (a :class:`ConfigError`
+        names the bad value)."""
+        given = {k: v for k, v in (("num_samples", num_samples), ("split", split), ("batch_size", batch_size))
+                 if v is not None}
+        return dataclasses.replace(self.config.evaluate, **given)
+
+    def _evaluate_checkpoint(self, run: RunDir, num_samples=None, split=None, batch_size=None, checkpoint=None):
+        path, state = run.checkpoint_to_evaluate(checkpoint)
+        run.claim()  # from here on this process writes the run directory
         splits = self.load_data()
         instance = self.build(splits["train"].num_data, _data_model_kwargs(splits))
-        return self._evaluate(splits, instance, num_samples, split, batch_size, load=True)
+        self.trainer(splits, instance, progress=False).load_state_dict(state)
+        return self._evaluate(splits, instance, num_samples, split, batch_size,
+                              checkpoint=(run.relative(path), int(state["step"])))
 
-    def _evaluate(self, splits, instance, num_samples=None, split=None, batch_size=None, load=False):
-        from ppl_models.infer.evaluate import evaluate
+    def _evaluate(self, splits, instance, num_samples=None, split=None, batch_size=None, checkpoint=None):
+        """Evaluate ``instance`` as it is; ``checkpoint``: ``(name, step)`` of the parameters, for metrics.json."""
+        from ppl_models.infer.evaluate import EvalResult, evaluate
 
-        cfg = self.config.evaluate
-        split = split or cfg.split
+        cfg = self.evaluate_options(num_samples, split, batch_size)
+        split = cfg.split
         if split not in splits or splits[split] is None:
             raise UnknownNameError("split", split, [k for k, v in splits.items() if v is not None])
-        if load:
-            trainer = self.trainer(splits, instance, progress=False)
-            if trainer.resume() is None:
-                raise CheckpointError(f"{self.run_dir / 'checkpoints'} holds no readable checkpoint to evaluate")
         guide, strategy = instance.guide, self.config.train.strategy
         fast_path = cfg.fast_path
         if strategy in ("svi-local", "svi-inner") and not (strategy == "svi-local" and split == "train"):
@@ -277,10 +351,12 @@ class Experiment:
                 f"guide {instance.guide_name!r} holds parameters per training datapoint and cannot score "
                 f"the {split!r} split; evaluate split 'train', or use an amortized guide"
             )
-        hook = MODEL_HOOKS.get(instance.model_name, {}).get("evaluate")
-        if hook is not None:
-            result = hook(self, instance, splits[split], split)
+        task_evaluate = _task_function(instance.model_name, "evaluate")
+        if task_evaluate is not None:  # the model's task module evaluates it (ppl_models.tasks)
+            result = task_evaluate(self, instance, splits[split], split)
             result.save(self.run_dir)
+            if checkpoint is not None:
+                RunDir(self.run_dir).record_evaluated(self.run_dir / checkpoint[0], checkpoint[1])
             return result
         dataset = splits[split]
         result = evaluate(
@@ -288,11 +364,15 @@ class Experiment:
             guide,
             dataset,
             spec=instance.spec,
-            num_samples=num_samples or cfg.num_samples,
-            batch_size=batch_size or cfg.batch_size,
+            num_samples=cfg.num_samples,
+            batch_size=cfg.batch_size,
             progress=self.config.train.progress,
             fast_path=fast_path,
         )
+        if isinstance(result, EvalResult) and checkpoint is not None:
+            result.checkpoint, result.checkpoint_step = checkpoint
+        for note in getattr(result, "notes", ()):
+            print(f"note: {note}", file=sys.stderr)
         result.save(self.run_dir)
         if self.config.output.plots:
             self._plot_samples(instance, dataset, guide)

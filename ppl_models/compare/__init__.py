@@ -3,7 +3,10 @@ ArviZ diagnostics (R-hat/ESS across seeds, PSIS k̂, LOO), and a NUTS reference 
 
 The lecture's point: the score-function (REINFORCE) and the reparameterized estimators are both unbiased, but
 their variances differ by orders of magnitude.  This package measures it; ``ppl-models compare CONFIG.toml`` and
-``examples/compare_estimators.py`` run it from a TOML file.  One module per job:
+``examples/compare_estimators.py`` run it from a TOML file.  Estimators are named as ``[train] elbo`` names them,
+through the one table of :mod:`ppl_models.infer.objectives` (:data:`ESTIMATOR_NAMES`: Pyro's ELBOs, ``IWAE``
+and the package's estimators); by default the package's gradient estimators (:data:`GRADIENT_ESTIMATORS`).
+One module per job:
 
 * :mod:`~ppl_models.compare.config` — the TOML schema (:class:`CompareConfig`, :func:`load_compare_config`);
 * :mod:`~ppl_models.compare.problems` — the problems, a model + guide + data each (``vae``, ``gmm``,
@@ -30,12 +33,13 @@ from ppl_models.compare.problems import Problem, build_problem, enumerated_exact
 from ppl_models.compare.references import canonical_order, mixture_pointwise_log_lik
 from ppl_models.compare.run import run_comparison
 from ppl_models.compare.training import TrainResult, pretrain, train_estimator
-from ppl_models.infer.estimators import ESTIMATOR_NAMES
+from ppl_models.infer.objectives import ESTIMATOR_NAMES, GRADIENT_ESTIMATORS
 
 __all__ = [
     "BUILTIN_PROBLEMS",
     "PROBLEMS",
     "ESTIMATOR_NAMES",
+    "GRADIENT_ESTIMATORS",
     "CompareConfig",
     "load_compare_config",
     "Problem",

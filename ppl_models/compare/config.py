@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List
 
 from ppl_models.app.config import ConfigError, parse_sections, read_toml
-from ppl_models.infer.estimators import ESTIMATOR_NAMES
+from ppl_models.infer.objectives import GRADIENT_ESTIMATORS, estimator_spec
 from ppl_models.registry import UnknownNameError
 
 __all__ = ["BUILTIN_PROBLEMS", "PROBLEMS", "CompareConfig", "load_compare_config"]
@@ -30,7 +30,8 @@ PROBLEMS = BUILTIN_PROBLEMS + ("experiment",)
 @dataclass
 class CompareSection:
     problems: List[str] = field(default_factory=lambda: list(BUILTIN_PROBLEMS))
-    estimators: List[str] = field(default_factory=lambda: list(ESTIMATOR_NAMES))
+    # any name of ppl_models.infer.objectives.ESTIMATORS; by default the package's gradient estimators
+    estimators: List[str] = field(default_factory=lambda: list(GRADIENT_ESTIMATORS))
     seed: int = 0
     run_dir: str = "runs/compare"
     plots: bool = True
@@ -148,9 +149,10 @@ class CompareConfig:
             raise ConfigError(f"{source}: problem 'experiment' needs [experiment].config, the path of a "
                               "`ppl-models fit` config (its model, guide and data are compared)")
         for e in c.estimators:
-            if e not in ESTIMATOR_NAMES:
-                unknown = UnknownNameError("estimator", e, ESTIMATOR_NAMES)
-                raise ConfigError(f"{source}: [compare].estimators: {unknown}")
+            try:
+                estimator_spec(e)
+            except UnknownNameError as unknown:
+                raise ConfigError(f"{source}: [compare].estimators: {unknown}") from None
         positive = [
             ("gradients", "num_draws"), ("gradients", "batch_size"),
             ("training", "batch_size"), ("training", "eval_every"), ("training", "eval_particles"),

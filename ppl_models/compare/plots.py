@@ -9,6 +9,7 @@ from typing import List, Optional
 import numpy as np
 
 from ppl_models.infer import diagnostics
+from ppl_models.infer.objectives import estimator_spec
 
 __all__ = ["plot_all", "plot_gradient_variance", "plot_elbo_bands", "plot_khat_hist", "plot_vi_vs_nuts"]
 
@@ -39,7 +40,7 @@ def plot_gradient_variance(grad_rows: List[dict], path: Path) -> Path:
         rows = [r for r in grad_rows if r["problem"] == problem]
         names = [r["estimator"] for r in rows]
         values = [r.get("guide_mean_variance") or np.nan for r in rows]
-        colors = ["tab:red" if n.startswith("score") else "tab:blue" for n in names]
+        colors = ["tab:red" if estimator_spec(n).rule == "score-function" else "tab:blue" for n in names]
         ax.bar(range(len(rows)), values, color=colors)
         for i, (r, v) in enumerate(zip(rows, values)):
             if not np.isfinite(v):

@@ -21,6 +21,7 @@ from ppl_models.compare.problems import bayesian_gmm_data, bayesian_gmm_problem,
 from ppl_models.compare.training import estimator_for, pretrain, restore, snapshot, train_estimator
 from ppl_models.infer import diagnostics
 from ppl_models.infer.estimators import EstimatorError
+from ppl_models.infer.objectives import estimator_spec
 
 __all__ = ["run_comparison"]
 
@@ -129,7 +130,7 @@ def _gradients(problem_name: str, config: CompareConfig) -> dict:
         with torch.random.fork_rng(devices=[]):
             pyro.set_rng_seed(config.compare.seed + 1)
             stats = gradient_statistics(problem, est, num_draws=g.num_draws,
-                                        warmup=g.warmup if est.modules or "baseline" in name else 0)
+                                        warmup=g.warmup if estimator_spec(name).baseline else 0)
         runs[name] = stats
         s = stats.summary("guide")
         _log(config, f"[{problem_name}] gradients {name}: guide variance/element {s['mean_variance']:.4g}, "

@@ -1,16 +1,16 @@
 r"""Training with an estimator, and the state the comparison resets between estimators.
 
 :func:`train_estimator`: every estimator on the same model, data, initialisation per seed and number of steps,
-through :class:`~ppl_models.infer.engine.Trainer`; every ``eval_every`` steps the same objective is measured for
-all of them (:func:`common_elbo`: the ELBO per datapoint on a fixed set with ``eval_particles`` draws, exact by
-enumeration for discrete guides), so IWAE's curve is comparable.  :func:`pretrain` moves the parameters away
+through :class:`~ppl_models.infer.engine.Trainer` with the estimator as its objective (``elbo=name``, resolved by
+the table of :mod:`ppl_models.infer.objectives`, as ``ppl-models fit`` resolves it); every ``eval_every`` steps
+the same objective is measured for all of them (:func:`common_elbo`: the ELBO per datapoint on a fixed set with
+``eval_particles`` draws, exact by enumeration for discrete guides), so IWAE's curve is comparable.  :func:`pretrain` moves the parameters away
 from their initialisation before the gradient statistics; :func:`snapshot` / :func:`restore` give every
 estimator the same starting point.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import List
@@ -21,7 +21,9 @@ import torch
 
 from ppl_models.compare.config import CompareConfig
 from ppl_models.compare.problems import Problem
-from ppl_models.infer.estimators import Estimator, EstimatorError, make_estimator
+from ppl_models.infer.engine import Trainer
+from ppl_models.infer.estimators import Estimator, EstimatorError
+from ppl_models.infer.objectives import estimator_spec, make_estimator
 
 __all__ = ["TrainResult", "common_elbo", "estimator_for", "pretrain", "train_estimator", "snapshot", "restore"]
 
@@ -57,50 +59,38 @@ class TrainResult:
     wall_time_s: float
 
 
-def _trainer_for(problem: Problem, estimator: Estimator, *, num_steps: int, batch_size: int, lr: float, seed: int,
-                 callback=None):
-    from ppl_models.infer import Trainer
-
+def _trainer_for(problem: Problem, name: str, num_particles: int, *, num_steps: int, batch_size: int, lr: float,
+                 seed: int, callback=None) -> Trainer:
+    """The engine's trainer with the estimator ``name`` as its objective (``elbo=name``: the same table as
+    ``ppl-models fit``), on the Pyro path for every estimator (timings comparable across estimators)."""
     N = problem.dataset.num_data
-    if estimator.name == "score-function-avg-baseline" and N % batch_size:
-        raise EstimatorError(
-            f"estimator 'score-function-avg-baseline': its average baseline has one entry per position in the batch, "
-            f"so every batch must have the same size: num_data={N} is not a multiple of batch_size={batch_size}"
-        )
-
-    def step(trainer, args, idx):
-        trainer._optim.zero_grad()
-        loss = estimator.loss_and_grads(*args, idx, num_data=trainer.num_data)
-        if not math.isfinite(loss):
-            trainer._raise_non_finite(loss, args, idx)
-        trainer._optim.step()
-        return loss
-
     return Trainer(
-        problem.instance.model, estimator.guide, problem.dataset,
-        elbo="TraceEnum_ELBO" if problem.enumerated else "Trace_ELBO",
+        problem.instance.model, problem.instance.guide, problem.dataset, elbo=name, num_particles=num_particles,
         lr=lr, batch_size=min(batch_size, N), num_epochs=10**9, max_steps=num_steps, seed=seed, progress=False,
-        step_fn=step, callback=callback, log_every=10**9,
+        callback=callback, log_every=10**9, fast_path=False,
     )
 
 
 def estimator_for(problem: Problem, name: str, config: CompareConfig) -> Estimator:
-    """Estimator ``name`` for the problem's model and guide (IWAE with ``[gradients].iwae_particles`` particles).
+    """Estimator ``name`` for the problem's model and guide (an IWAE or Rényi bound with
+    ``[gradients].iwae_particles`` particles).
 
     :raises EstimatorError: where the estimator cannot apply to the model and guide (naming the site and why).
     """
     x = problem.grad_args[0]
     idx = problem.grad_args[1]
+    bound = estimator_spec(name).objective != "ELBO"
     return make_estimator(
         name, problem.instance.model, problem.instance.guide, (x, idx), {},
-        num_particles=config.gradients.iwae_particles if name == "iwae" else 1,
+        num_particles=config.gradients.iwae_particles if bound else 1,
         data_plate=problem.instance.spec.data_plate,
     )
 
 
 def pretrain(problem: Problem, config: CompareConfig, seed: int) -> None:
     """``[gradients].pretrain_steps`` Adam steps with the first estimator that applies (reparameterized, else
-    score-function with an average baseline), so the gradients are measured away from the initialisation."""
+    score-function with a neural baseline, else plain score-function), so the gradients are measured away from
+    the initialisation."""
     steps = config.gradients.pretrain_steps
     if steps <= 0:
         return
@@ -110,7 +100,7 @@ def pretrain(problem: Problem, config: CompareConfig, seed: int) -> None:
             break
         except EstimatorError:
             continue
-    trainer = _trainer_for(problem, est, num_steps=steps, batch_size=config.training.batch_size,
+    trainer = _trainer_for(problem, name, est.num_particles, num_steps=steps, batch_size=config.training.batch_size,
                            lr=problem.lr or config.gradients.pretrain_lr, seed=seed)
     trainer.fit()
     _drop_baselines()  # the pretraining's own baseline (if any) is not part of the measured estimators
@@ -118,7 +108,10 @@ def pretrain(problem: Problem, config: CompareConfig, seed: int) -> None:
 
 def train_estimator(problem: Problem, name: str, config: CompareConfig, seed: int) -> TrainResult:
     """Train the problem's model and guide (fresh from ``seed``) with estimator ``name``; the common ELBO every
-    ``eval_every`` steps."""
+    ``eval_every`` steps.
+
+    :raises EstimatorError: before training, where the estimator cannot apply (naming the site and why).
+    """
     t = config.training
     est = estimator_for(problem, name, config)
     steps, values = [0], [common_elbo(problem, t.eval_particles, seed)]
@@ -128,8 +121,8 @@ def train_estimator(problem: Problem, name: str, config: CompareConfig, seed: in
             steps.append(step)
             values.append(common_elbo(problem, t.eval_particles, seed + step))
 
-    trainer = _trainer_for(problem, est, num_steps=t.num_steps, batch_size=t.batch_size, lr=problem.lr or t.lr,
-                           seed=seed, callback=callback)
+    trainer = _trainer_for(problem, name, est.num_particles, num_steps=t.num_steps, batch_size=t.batch_size,
+                           lr=problem.lr or t.lr, seed=seed, callback=callback)
     start = time.perf_counter()
     trainer.fit()
     return TrainResult(name, seed, steps, values, time.perf_counter() - start)

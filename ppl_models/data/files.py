@@ -2,7 +2,8 @@
 
 Every file a loader needs is registered here once (:data:`FILES`) with the
 forms in which it is accepted on disk, each with its own checksum, and the
-URL its dataset is usually downloaded from.  A loader calls :func:`fetch`,
+URL its dataset is usually downloaded from (the module is over 600 lines because
+that table of checksums is data, one entry per known file).  A loader calls :func:`fetch`,
 which returns the path of a verified copy:
 
 1. ``<data_dir>/<dataset>/<form>`` for an explicit ``data_dir``;
@@ -327,7 +328,23 @@ for _name, _gz, _raw_md5 in [
      "647b8e2b48e705809f33acb5d42e4db1"),
 ]:  # fmt: skip
     _gz_and_raw("multi30k", _name, _gz, "md5", _raw_md5, url=f"{_M30K_URL}tok/{_name}", served="raw")
-del _name, _gz, _raw_md5, _split
+
+# HLT-NAACL 2003 English-French word-alignment shared task (Mihalcea & Pedersen 2003): the trial set with its gold
+# links and the test text (no links); no public URL serves these exact files (gz sha256, raw sha256).
+for _name, _gz, _raw in [
+    ("dev.e", "b1d6458dd96392ceeee30fdfa66867cf34721a143da3d8b1e30106d5f5be45ba",
+     "56a871f16eafc2b44f9ba5942a636e2949baf288f228561f1889d821c04398d0"),
+    ("dev.f", "965470b6f6ab6780d93f8647d03d2feaf033cc4445160598af48f8fa2db97748",
+     "fb337c8e86297a538ebe533f9d283dc6e186961ab9ca032257bc1c1769f71b6e"),
+    ("dev.wa.nonullalign", "38b1086bc7bc0d8a7b749c041ad9cb8c97ea8c267ad18de814eabd12feb1d8f1",
+     "1c04fe099aa83c1ef0fd1044547e34684618f2362e20da8dca3d94cb3b096f74"),
+    ("test.e", "3b216b03bd95ae4e95785f8f3767d4ba766625832465661e9250b84edd7f2608",
+     "d73d6edcf34615f9f9489d0c234a44eadb3294635d10c9ceb77c22afca46bb39"),
+    ("test.f", "cf1a6170bc091fe5b0fe0adbb312cb375f12558dd5fe419b40f23fa72532f084",
+     "7aece2a76346cd3e36a43d6e2958bf08bd22a24469e50c7e21da90fe49e0402d"),
+]:  # fmt: skip
+    _gz_and_raw("hansards_align", _name, _gz, "sha256", _raw, url=None, served="gz")
+del _name, _gz, _raw_md5, _split, _raw
 
 
 # --------------------------------------------------------------------------------------------------

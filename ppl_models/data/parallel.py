@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ppl_models.data.files import fetch
+from ppl_models.data.hansards import hansards_text
 from ppl_models.data.text import TextDataError, Vocab, check_length, epoch_order, pad_batch, read_parallel
 
 __all__ = [
@@ -73,10 +74,13 @@ class ParallelText:
     :param tgt_vocab: the target vocabulary.
     :param alignments: optional gold alignments, one list of ``(i, j)`` source-target pairs per sentence.
     :param lines: the 1-based line number of each pair in its files (for messages and alignment output).
+    :param lower: the text was lowercased before encoding (text encoded later with these vocabularies, e.g. by
+        ``ppl-models align``, must be too).
     """
 
     def __init__(self, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], src_vocab: Vocab, tgt_vocab: Vocab,
-                 alignments: Optional[List[List[Tuple[int, int]]]] = None, lines: Optional[List[int]] = None):
+                 alignments: Optional[List[List[Tuple[int, int]]]] = None, lines: Optional[List[int]] = None,
+                 lower: bool = False):
         if len(src) != len(tgt):
             raise TextDataError(f"parallel text: expected as many source as target sentences, received {len(src)} "
                                 f"and {len(tgt)}")
@@ -87,6 +91,7 @@ class ParallelText:
         self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         self.alignments = alignments
         self.lines = lines if lines is not None else list(range(1, len(src) + 1))
+        self.lower = lower
         self.num_data = len(self.src)
         self._lengths = torch.tensor([max(len(s), len(t)) for s, t in zip(self.src, self.tgt)])
 
@@ -123,7 +128,8 @@ class ParallelText:
 
 
 def encode_pairs(src_tokens, tgt_tokens, src_vocab: Vocab, tgt_vocab: Vocab, *, max_len: int, on_long: str = "error",
-                 unk: str = "map", where: Tuple[str, str] = ("source", "target"), alignments=None) -> ParallelText:
+                 unk: str = "map", where: Tuple[str, str] = ("source", "target"), alignments=None,
+                 lower: bool = False) -> ParallelText:
     """Encode tokenized pairs with the vocabularies; sentences longer than ``max_len`` raise or are skipped."""
     if on_long not in _ON_LONG:
         raise ValueError(f"on_long: expected one of {_ON_LONG}, received {on_long!r}")
@@ -145,7 +151,7 @@ def encode_pairs(src_tokens, tgt_tokens, src_vocab: Vocab, tgt_vocab: Vocab, *, 
     if skipped:
         print(f"note: skipped {skipped} of {len(src_tokens)} sentence pairs of {where[0]} longer than {max_len} tokens",
               file=sys.stderr)
-    return ParallelText(src, tgt, src_vocab, tgt_vocab, kept_align if alignments is not None else None, lines)
+    return ParallelText(src, tgt, src_vocab, tgt_vocab, kept_align if alignments is not None else None, lines, lower)
 
 
 def _build_vocabs(src_tokens, tgt_tokens, vocab_size, min_freq) -> Tuple[Vocab, Vocab]:
@@ -167,7 +173,7 @@ def parallel_splits(source: str = "", target: str = "", valid_source: str = "", 
     src_vocab, tgt_vocab = _build_vocabs(src_tok, tgt_tok, vocab_size, min_freq)
     out: Dict[str, Optional[ParallelText]] = {
         "train": encode_pairs(src_tok, tgt_tok, src_vocab, tgt_vocab, max_len=max_len, on_long=on_long,
-                              where=(os.fspath(source), os.fspath(target)))
+                              where=(os.fspath(source), os.fspath(target)), lower=lower)
     }
     for split, (s_path, t_path) in (("valid", (valid_source, valid_target)), ("test", (test_source, test_target))):
         if bool(s_path) != bool(t_path):
@@ -178,17 +184,24 @@ def parallel_splits(source: str = "", target: str = "", valid_source: str = "", 
             continue
         s_tok, t_tok = read_parallel(s_path, t_path, lower=lower)
         out[split] = encode_pairs(s_tok, t_tok, src_vocab, tgt_vocab, max_len=max_eval_len, unk=unk,
-                                  where=(os.fspath(s_path), os.fspath(t_path)))
+                                  where=(os.fspath(s_path), os.fspath(t_path)), lower=lower)
     return out
 
 
 def multi30k_splits(source_lang: str = "en", target_lang: str = "fr", vocab_size: int = 10000, min_freq: int = 2,
-                    max_len: int = 30, max_eval_len: int = 100, data_dir: str = "", download: bool = True
-                    ) -> Dict[str, ParallelText]:
+                    max_len: int = 30, max_eval_len: int = 100, data_dir: str = "", download: bool = True,
+                    lower: bool = True, extra_train: Sequence[str] = ()) -> Dict[str, ParallelText]:
     """Multi30k task 1 (lowercased, normalized, tokenized): train 29,000 / valid 1,014 / test 2016-flickr 1,000 pairs.
 
     Training pairs longer than ``max_len`` are skipped (reported); validation and test are kept whole (up to
     ``max_eval_len``, else an error), so test perplexity is over the full test set.  Unknown tokens become ``<unk>``.
+
+    :param lower: lowercase every token: the ``lc`` files already are; this lowercases ``extra_train`` text and
+        marks the data (:attr:`ParallelText.lower`) so that text aligned with the run is lowercased too.
+    :param extra_train: more training text appended to Multi30k's (the vocabularies are built from all of it),
+        by name: ``"hansards:test"`` and ``"hansards:trial"``, the English-French Hansards text of the HLT-NAACL
+        2003 alignment task (:mod:`ppl_models.data.hansards`; for ``en``/``fr`` only), as unsupervised aligners
+        train on the text they align.
     """
     for lang in (source_lang, target_lang):
         if lang not in MULTI30K_LANGS:
@@ -200,15 +213,36 @@ def multi30k_splits(source_lang: str = "en", target_lang: str = "fr", vocab_size
                      for lang in (source_lang, target_lang))
         for split, prefix in MULTI30K_SPLITS.items()
     }
-    s_tok, t_tok = read_parallel(*paths["train"])
+    s_tok, t_tok = read_parallel(*paths["train"], lower=lower)
+    where = " + ".join([os.fspath(paths["train"][0]), *extra_train]), os.fspath(paths["train"][1])
+    for name in extra_train:
+        more_src, more_tgt = _extra_text(name, source_lang, target_lang, lower, data_dir, download)
+        s_tok, t_tok = s_tok + more_src, t_tok + more_tgt
     src_vocab, tgt_vocab = _build_vocabs(s_tok, t_tok, vocab_size, min_freq)
     out = {"train": encode_pairs(s_tok, t_tok, src_vocab, tgt_vocab, max_len=max_len, on_long="skip",
-                                 where=tuple(os.fspath(p) for p in paths["train"]))}
+                                 where=where, lower=lower)}
     for split in ("valid", "test"):
-        s_tok, t_tok = read_parallel(*paths[split])
+        s_tok, t_tok = read_parallel(*paths[split], lower=lower)
         out[split] = encode_pairs(s_tok, t_tok, src_vocab, tgt_vocab, max_len=max_eval_len,
-                                  where=tuple(os.fspath(p) for p in paths[split]))
+                                  where=tuple(os.fspath(p) for p in paths[split]), lower=lower)
     return out
+
+
+#: ``extra_train`` names of :func:`multi30k_splits`: corpus -> its splits
+EXTRA_TRAIN = {"hansards": ("test", "trial")}
+
+
+def _extra_text(name: str, source_lang: str, target_lang: str, lower: bool, data_dir: str, download: bool):
+    """``(source sentences, target sentences)`` of an ``extra_train`` entry ``"corpus:split"``."""
+    corpus, _, split = name.partition(":")
+    if corpus not in EXTRA_TRAIN or split not in EXTRA_TRAIN[corpus]:
+        valid = ", ".join(f"{c}:{s}" for c, splits in EXTRA_TRAIN.items() for s in splits)
+        raise TextDataError(f"multi30k: extra_train: unknown text {name!r}; valid: {valid}")
+    if {source_lang, target_lang} != {"en", "fr"}:
+        raise TextDataError(f"multi30k: extra_train {name!r} is English-French text, the languages are "
+                            f"{source_lang!r} and {target_lang!r}")
+    english, french = hansards_text(split, lower=lower, data_dir=data_dir or None, download=download)
+    return (english, french) if source_lang == "en" else (french, english)
 
 
 def synthetic_pairs(num_data: int, vocab_size: int = 20, min_len: int = 3, max_len: int = 8,

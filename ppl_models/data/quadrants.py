@@ -8,7 +8,8 @@ Each 28x28 image is cut into four 14x14 quadrants.  ``num_quadrant_inputs`` of t
 * 3 input quadrants: all but the bottom-right one; output: the bottom-right quadrant (196 pixels).
 
 Pixels are MNIST grey levels :math:`\text{pixel}/255 \in [0, 1]` (not binarized, as in Pyro's example).
-A batch is ``(x_obs, y)``:
+The layout (:func:`~ppl_models.encodings.missing_mask`) and the value ``-1`` at the output pixels are
+:mod:`ppl_models.encodings`' (the CVAE reads them too).  A batch is ``(x_obs, y)``:
 
 * ``x_obs``: shape ``(batch, side * side)``; the input quadrants' pixels, and ``-1`` at every output
   pixel (Pyro's convention "masked with -1");
@@ -30,53 +31,16 @@ from typing import Dict, Tuple
 import torch
 
 from ppl_models.data.mnist import train_valid_test_images
+from ppl_models.encodings import MASKED, missing_mask
 
-__all__ = ["QUADRANT_INPUTS", "missing_mask", "split_quadrants", "complete", "QuadrantDataset", "quadrant_splits"]
-
-#: valid numbers of input quadrants
-QUADRANT_INPUTS = (1, 2, 3)
-#: the value at the output pixels of ``x_obs``
-MASKED = -1.0
-
-
-def _check_inputs(num_quadrant_inputs, side: int) -> None:
-    if isinstance(num_quadrant_inputs, bool) or num_quadrant_inputs not in QUADRANT_INPUTS:
-        raise ValueError(f"num_quadrant_inputs: expected 1, 2 or 3, received {num_quadrant_inputs!r}")
-    if isinstance(side, bool) or not isinstance(side, int) or side < 2 or side % 2:
-        raise ValueError(f"image side: expected an even integer >= 2, received {side!r}")
-
-
-def missing_mask(num_quadrant_inputs: int, side: int = 28) -> torch.Tensor:
-    """Boolean mask of the output pixels, shape ``(side * side,)`` (row-major), as Pyro's ``MaskImages``."""
-    _check_inputs(num_quadrant_inputs, side)
-    h = w = side
-    out = torch.ones(h, w, dtype=torch.bool)  # True: an output pixel
-    out[h // 2 :, : w // 2] = False  # the bottom-left quadrant is always an input
-    if num_quadrant_inputs == 2:
-        out[:, : w // 2] = False
-    if num_quadrant_inputs == 3:
-        out[: h // 2, :] = False
-    return out.reshape(-1)
+__all__ = ["split_quadrants", "QuadrantDataset", "quadrant_splits"]
 
 
 def split_quadrants(images: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(x_obs, y)`` from images of shape ``(batch, side * side)`` and a :func:`missing_mask`."""
+    """``(x_obs, y)`` from images of shape ``(batch, side * side)`` and a :func:`~ppl_models.encodings.missing_mask`."""
     x_obs = images.masked_fill(mask, MASKED)
     y = images[:, mask]
     return x_obs, y
-
-
-def complete(x_obs: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The image with ``y`` written into the output pixels of ``x_obs``.
-
-    :param x_obs: shape ``(..., side * side)``.
-    :param y: shape ``(..., num_missing)``; leading dims broadcast with ``x_obs``'s.
-    :return: shape ``broadcast(...) + (side * side,)``.
-    """
-    shape = torch.broadcast_shapes(x_obs.shape[:-1], y.shape[:-1])
-    full = x_obs.expand(*shape, x_obs.shape[-1]).clone()
-    full[..., mask] = y.expand(*shape, y.shape[-1]).to(full.dtype)
-    return full
 
 
 class QuadrantDataset:
@@ -120,7 +84,7 @@ def quadrant_splits(
     :param valid_size: training images held out for validation (0: none, ``"valid"`` is ``None``).
     :returns: ``{"train": ..., "valid": ... or None, "test": ...}``; each batch is ``(x_obs, y)``.
     """
-    _check_inputs(num_quadrant_inputs, 28)
+    missing_mask(num_quadrant_inputs)  # a bad number of quadrants fails before MNIST is read
     x_train, x_valid, x_test = train_valid_test_images(valid_size, data_dir, download, caller="quadrant_splits")
     return {
         "train": QuadrantDataset(x_train, num_quadrant_inputs),

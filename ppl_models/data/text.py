@@ -3,8 +3,9 @@ r"""Tokenized text: vocabularies, reading one-sentence-per-line files, padded ba
 Shared by the sequence models (language models on Penn Treebank, latent-alignment models on parallel text).
 
 * :class:`Vocab` — token <-> index maps with the special tokens ``<pad>`` (index 0), ``<unk>``, ``<bos>``,
-  ``<eos>``; built from training sentences (most frequent first, ties broken by first appearance), saved as
-  plain containers (:meth:`Vocab.to_dict`), so a checkpoint holding it loads with ``weights_only=True``.
+  ``<eos>`` (:data:`ppl_models.encodings.SPECIALS`, the convention the models read); built from training
+  sentences (most frequent first, ties broken by first appearance), saved as plain containers
+  (:meth:`Vocab.to_dict`), so a checkpoint holding it loads with ``weights_only=True``.
 * :func:`read_sentences` — whitespace-tokenized lines of a text file (``.gz`` or plain, UTF-8); an empty line is
   an error naming the file and line unless ``skip_empty``.
 * :func:`read_parallel` — a source and a target file with one sentence pair per line; a line-count mismatch or an
@@ -28,12 +29,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ppl_models.encodings import BOS, EOS, PAD, SPECIALS, UNK
+
 __all__ = [
-    "PAD",
-    "UNK",
-    "BOS",
-    "EOS",
-    "SPECIALS",
     "TextDataError",
     "Vocab",
     "read_sentences",
@@ -43,9 +41,6 @@ __all__ = [
     "length_batches",
     "epoch_order",
 ]
-
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIALS = (PAD, UNK, BOS, EOS)
 
 
 class TextDataError(ValueError):

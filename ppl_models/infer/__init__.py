@@ -1,15 +1,15 @@
-"""Inference: objectives and optimizers by name, the training engine, checkpoints."""
+"""Inference: objectives and their estimators, and optimizers, by name; the training engine, checkpoints."""
 
 from ppl_models.infer.em import EMModel, EMResult, fit_em
 from ppl_models.infer.engine import FitResult, NonFiniteLossError, Trainer, TrainingInterrupted, fit
 from ppl_models.infer.fastpath import FAST_PATH_MODES, FastPathUnsupported
-from ppl_models.infer.objectives import ELBO_NAMES, make_elbo
+from ppl_models.infer.objectives import ESTIMATOR_NAMES, make_elbo, make_estimator
 from ppl_models.infer.optim import OPTIMIZER_NAMES, make_optimizer
 
 __all__ = [
     "EMModel",
     "EMResult",
-    "ELBO_NAMES",
+    "ESTIMATOR_NAMES",
     "OPTIMIZER_NAMES",
     "FAST_PATH_MODES",
     "FastPathUnsupported",
@@ -20,5 +20,6 @@ __all__ = [
     "fit",
     "fit_em",
     "make_elbo",
+    "make_estimator",
     "make_optimizer",
 ]

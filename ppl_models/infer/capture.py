@@ -4,10 +4,13 @@ The capture behind the engine's fast path (:mod:`ppl_models.infer.fastpath`, tra
 captured terms (:class:`~ppl_models.infer.fastpath.CapturedTerms`):
 
 1. **Capture.** ``make_fx`` (real tensors) records the aten operations of a Pyro computation — for training,
-   Pyro's own objective: the guide and the model replayed on its draws (``elbo._get_traces``) and the
-   surrogate loss of ``elbo._differentiable_loss_particle`` (:func:`capture_loss`), so plates, scales, masks,
-   analytic KLs and particle averaging are Pyro's; for evaluation, any function of the batch
-   (:func:`capture_function`).
+   the objective itself: the guide and the model replayed on its draws (``elbo._get_traces``) and the
+   surrogate loss of ``elbo._differentiable_loss_particle`` (Pyro's ``Trace_ELBO``, ``TraceMeanField_ELBO``) or
+   :meth:`~ppl_models.infer.objectives.IWAE_ELBO.surrogate_loss` (:func:`capture_loss`), so plates, scales,
+   masks, analytic KLs and particle averaging are the objective's own; an
+   :class:`~ppl_models.infer.objectives.EstimatorELBO` is captured as the ELBO inside it on the guide as its
+   rule runs it (``reparameterized``, ``analytic-kl``, ``sticking-the-landing``); for evaluation, any function
+   of the batch (:func:`capture_function`).
 2. **Rewrite** the recorded graph into ``out = f(parameters, batch, noise)``: tensors of the Pyro param store
    become inputs (the live tensors the optimizer updates), every random draw moves to a separate *noise*
    graph run eagerly before ``f`` with torch's global generator (the same draws, in the same order, as
@@ -35,6 +38,8 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import fx
 
+from ppl_models.infer.objectives import IWAE_ELBO, EstimatorELBO
+
 __all__ = [
     "SUPPORTED_ELBOS",
     "FastPathUnsupported",
@@ -42,13 +47,14 @@ __all__ = [
     "CapturedPrograms",
     "capture_function",
     "capture_loss",
+    "unsupported_objective",
     "with_tensors",
 ]
 
 aten = torch.ops.aten
 
-#: The objectives :func:`capture_loss` captures.
-SUPPORTED_ELBOS = (Trace_ELBO, TraceMeanField_ELBO)
+#: The objectives :func:`capture_loss` captures (also inside an :class:`~ppl_models.infer.objectives.EstimatorELBO`).
+SUPPORTED_ELBOS = (Trace_ELBO, TraceMeanField_ELBO, IWAE_ELBO)
 
 
 class FastPathUnsupported(RuntimeError):
@@ -114,17 +120,38 @@ def with_tensors(template: tuple, tensors) -> tuple:
     return tuple(args)
 
 
+def unsupported_objective(elbo) -> Optional[str]:
+    """Why :func:`capture_loss` cannot capture the objective ``elbo`` (``None``: it can)."""
+    inner = elbo.inner if isinstance(elbo, EstimatorELBO) else elbo
+    if inner is None:
+        return f"estimator {elbo.spec.name!r} has not run yet"
+    if type(inner) in SUPPORTED_ELBOS:
+        return None
+    name = type(inner).__name__
+    if isinstance(elbo, EstimatorELBO):
+        name = f"{name} (estimator {elbo.spec.name!r})"
+    return f"objective {name} (supported: Trace_ELBO, TraceMeanField_ELBO, IWAE, and the estimators on them)"
+
+
 def _loss_function(elbo, model, guide, template: tuple, kwargs: dict):
-    """``f(*tensors) -> surrogate loss``: Pyro's objective for the arguments ``template`` with its tensors replaced."""
+    """``f(*tensors) -> surrogate loss``: the objective for the arguments ``template`` with its tensors replaced."""
+    if isinstance(elbo, EstimatorELBO):  # the ELBO inside it, on the guide as its rule runs it
+        elbo, guide = elbo.inner, elbo.guide_for(guide)
 
     def loss(*tensors):
         args = with_tensors(template, tensors)
         total = 0.0
         with pyro.validation_enabled(False):
+            traces = []
             for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
                 _check_structure(model_trace, guide_trace)
-                _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
-                total = total + surrogate / elbo.num_particles
+                traces.append((model_trace, guide_trace))
+            if isinstance(elbo, IWAE_ELBO):  # the particles enter one log-sum-exp per datapoint
+                total = elbo.surrogate_loss(traces)
+            else:
+                for model_trace, guide_trace in traces:
+                    _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
+                    total = total + surrogate / elbo.num_particles
         if not isinstance(total, torch.Tensor):
             raise FastPathUnsupported("the objective does not depend on any tensor")
         return total
@@ -155,8 +182,9 @@ def capture_loss(elbo, model, guide, args: tuple, kwargs: dict) -> CapturedLoss:
     Runs guide and model once (the generators' state is restored afterwards, so the caller's next draw
     is the one Pyro would make).  Raises :class:`FastPathUnsupported` with the reason.
     """
-    if type(elbo) not in SUPPORTED_ELBOS:
-        raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
+    reason = unsupported_objective(elbo)
+    if reason is not None:
+        raise FastPathUnsupported(reason)
     return capture_function(_loss_function(elbo, model, guide, tuple(args), kwargs), args)
 
 

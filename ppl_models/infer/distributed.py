@@ -75,14 +75,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ppl_models.families import PerDatapointParams
+from ppl_models.runtime import DEVICE_HELP, in_torchrun
 from ppl_models.infer.checkpoint import CheckpointError, capture_rng_state, copy_optimizer_state, state_to_cpu
 
 __all__ = [
-    "DEVICE_HELP",
     "DataParallel",
     "DistributedJobError",
     "ELBOLoss",
-    "in_torchrun",
     "launch",
     "process_group",
     "rank_and_world",
@@ -90,9 +89,6 @@ __all__ = [
     "resolve_device",
     "shard_bounds",
 ]
-
-DEVICE_HELP = "'cpu', 'cuda' (each process uses the GPU of its local rank) or 'cuda:K' (one process)"
-
 
 class DistributedJobError(RuntimeError):
     """A process of a multi-process job failed; the job was stopped.  The message names the rank, its exit
@@ -104,11 +100,6 @@ class DistributedJobError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------- set-up
-def in_torchrun() -> bool:
-    """Whether this process was started by torchrun (or another launcher that sets ``RANK``/``WORLD_SIZE``)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def record_errors(fn: Callable) -> Callable:
     """``fn`` wrapped as torch's ``errors.record`` wraps a job process's entry point (an uncaught error is written
     to the launcher's error file, which :func:`launch` reports), but the file is written atomically: torch's

@@ -1,54 +1,30 @@
-r"""Gradient estimators of the ELBO, chosen by name, for any model and guide.
+r"""Gradient rules of the estimators, and the checks that say when a rule cannot apply to a model and guide.
 
-Every estimator estimates
-:math:`\nabla_{\theta,\phi}\,\mathrm{ELBO} = \nabla\, \mathbb{E}_{q_\phi(z)}[\log p_\theta(x, z) - \log q_\phi(z)]`
-(IWAE: the gradient of the IWAE bound) from draws of the guide; they differ in how the draws enter the gradient:
+The names — which objective, with which gradient rule — are one table in :mod:`ppl_models.infer.objectives`
+(:data:`~ppl_models.infer.objectives.ESTIMATORS`); this module holds what the rules need:
 
-==============================  ===========================================================================
-name                            gradient of the guide's parameters
-==============================  ===========================================================================
-``reparameterized``             pathwise: :math:`z = g_\phi(\epsilon)`, differentiate through the draw
-                                (``Trace_ELBO``; Kingma & Welling 2014, Rezende et al. 2014)
-``score-function``              REINFORCE: :math:`(\log p(x, z) - \log q(z))\, \nabla_\phi \log q_\phi(z)` with
-                                the draw detached (``TraceGraph_ELBO`` with every guide site's
-                                reparameterization switched off; Williams 1992, Ranganath et al. 2014);
-                                ``TraceGraph_ELBO`` keeps only each site's downstream cost
-``score-function-avg-baseline`` as above minus a decaying average of the downstream cost
-                                (``infer={"baseline": {"use_decaying_avg_baseline": True}}``)
-``score-function-nn-baseline``  as above minus :math:`b_\psi(x_i)`, an MLP of the datapoint trained to predict
-                                its downstream cost (``nn_baseline``; Mnih & Gregor 2014)
-``analytic-kl``                 pathwise, with :math:`\mathrm{KL}(q \| p)` in closed form where
-                                ``kl_divergence`` knows the pair (``TraceMeanField_ELBO``)
-``iwae``                        pathwise gradient of the IWAE bound with ``K = num_particles`` draws
-                                (``RenyiELBO(alpha=0)``; Burda et al. 2016)
-``sticking-the-landing``        pathwise, with :math:`\log q_\phi(z)` evaluated at stopped-gradient parameters:
-                                the score term :math:`\nabla_\phi \log q_\phi(z)|_z` (zero in expectation) is
-                                dropped (Roeder, Wu & Duvenaud 2017)
-==============================  ===========================================================================
+* **views of the guide** (:class:`EstimatorView`, applied by a messenger around the guide): a score-function
+  rule samples without a gradient path, so Pyro's ELBOs add the score term
+  :math:`(\log p(x, z) - \log q(z))\, \nabla_\phi \log q_\phi(z)` (Williams 1992, Ranganath et al. 2014);
+  sticking-the-landing scores :math:`\log q_\phi(z)` at stopped-gradient parameters, which drops the score term
+  :math:`\nabla_\phi \log q_\phi(z)|_z` (zero in expectation; Roeder, Wu & Duvenaud 2017);
+* **baselines** for the score function: a decaying average of the downstream cost
+  (``infer={"baseline": {"use_decaying_avg_baseline": True}}``) or :math:`b_\psi(x_i)`, an MLP of the datapoint
+  trained to predict it (:class:`NeuralBaseline`; Mnih & Gregor 2014), attached with ``poutine.infer_config``;
+* **structure** (:func:`inspect_sites`): the guide's latent sites — reparameterizable, discrete, inside the
+  data plate, with a closed-form KL to the model's site — and the model's enumerated sites, from one trace that
+  touches no generator;
+* **checks** (:func:`check_applies`): one :class:`EstimatorError` naming the site and why, e.g. a pathwise rule
+  and a guide site with no reparameterized sampler (a discrete latent), a closed-form KL that
+  ``kl_divergence`` does not know, a baseline when the model sums out (enumerates) a site, because only
+  ``TraceGraph_ELBO`` has baselines and it cannot enumerate.
 
-All are unbiased for their target; their variances differ, which is what :mod:`ppl_models.compare` measures.
-
-**When an estimator cannot apply** :func:`make_estimator` raises one :class:`EstimatorError` naming the site and
-why: a pathwise estimator (``reparameterized``, ``analytic-kl``, ``iwae``, ``sticking-the-landing``) and a guide
-site with no reparameterized sampler (a discrete latent); ``analytic-kl`` and a site pair whose KL is unknown;
-``iwae`` with ``num_particles < 1``; a baseline estimator when the model sums out (enumerates) a site, because
-only ``TraceGraph_ELBO`` has baselines and it cannot enumerate.
-
-**Enumerated model sites.** A model site marked ``infer={"enumerate": "parallel"}`` that the guide does not
-sample (the Bayesian GMM's assignments ``z``) is summed out exactly: ``reparameterized``, ``score-function`` and
-``sticking-the-landing`` then run on ``TraceEnum_ELBO`` (which takes score-function terms for guide sites whose
-reparameterization is switched off); the others raise :class:`EstimatorError`.
-
-How the guide is changed: a :class:`~pyro.poutine.messenger.Messenger` around the guide replaces each latent
-site's distribution by a view (:class:`EstimatorView`) that samples without a gradient path
-(score-function) or scores with detached parameters (sticking-the-landing); baselines are attached with
-``poutine.infer_config``.  Model and guide functions are not modified.
+Model and guide functions are never modified: views and baselines wrap the guide when the objective runs it.
 
 References:
     Williams (1992), Simple Statistical Gradient-Following Algorithms for Connectionist Reinforcement Learning.
     Mnih & Gregor (2014), Neural Variational Inference and Learning in Belief Networks.
     Ranganath, Gerrish & Blei (2014), Black Box Variational Inference.
-    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders.
     Roeder, Wu & Duvenaud (2017), Sticking the Landing: Simple, Lower-Variance Gradient Estimators for VI.
     Mohamed, Rosca, Figurnov & Mnih (2020), Monte Carlo Gradient Estimation in Machine Learning.
 """
@@ -57,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -69,29 +45,25 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import kl_divergence
 
-from ppl_models.infer.engine import trace_plate_depth
-from ppl_models.registry import UnknownNameError
-
 __all__ = [
-    "ESTIMATOR_NAMES",
-    "PATHWISE",
-    "SCORE_FUNCTION",
+    "PARTICLE_PLATE",
     "Estimator",
     "EstimatorError",
     "EstimatorView",
     "NeuralBaseline",
-    "make_estimator",
+    "SiteInfo",
+    "Structure",
+    "check_applies",
+    "data_plate_frame",
     "inspect_sites",
+    "neural_baseline_for",
+    "site_plates",
+    "trace_plate_depth",
+    "view_guide",
 ]
 
-#: Estimators that differentiate through the guide's draws.
-PATHWISE = ("reparameterized", "analytic-kl", "iwae", "sticking-the-landing")
-#: Score-function (REINFORCE) estimators.
-SCORE_FUNCTION = ("score-function", "score-function-avg-baseline", "score-function-nn-baseline")
-ESTIMATOR_NAMES = ("reparameterized", *SCORE_FUNCTION, "analytic-kl", "iwae", "sticking-the-landing")
-
-#: Estimators that can run on TraceEnum_ELBO when the model enumerates a site.
-_ENUM_OK = ("reparameterized", "score-function", "sticking-the-landing")
+#: The name of the plate Pyro's ELBOs draw vectorized particles in.
+PARTICLE_PLATE = "num_particles_vectorized"
 
 
 class EstimatorError(ValueError):
@@ -99,7 +71,7 @@ class EstimatorError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The guide's sites as an estimator sees them
+# The guide's sites as a gradient rule sees them
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -187,13 +159,13 @@ class _GuideView(Messenger):
 
     def __init__(self, mode: str):
         super().__init__()
-        self.mode = mode  # "score" or "stl"
+        self.mode = mode  # "score-function" or "sticking-the-landing"
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or site_is_subsample(msg) or msg["value"] is not None:
             return
         fn = msg["fn"]
-        if self.mode == "score":
+        if self.mode == "score-function":
             msg["fn"] = EstimatorView(fn, reparameterized=False)
         else:
             msg["fn"] = EstimatorView(fn, reparameterized=True, scoring=_detach_dist(fn, msg["name"]))
@@ -221,6 +193,7 @@ class Structure:
     guide_sites: tuple  # SiteInfo of the guide's latent sites
     enumerated: tuple  # model sites summed out (enumerated) and not sampled by the guide
     plate_depth: int
+    data_plate: Optional[str] = None  # the plate over datapoints (given, or found by data_plate_frame)
 
 
 def _is_latent(site) -> bool:
@@ -233,11 +206,56 @@ def _base_name(fn) -> str:
     return type(fn).__name__
 
 
-def inspect_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict, data_plate: str = "data") -> Structure:
-    """Trace guide and (replayed) model once, without touching any generator or parameter gradient."""
+def trace_plate_depth(*traces) -> int:
+    """How many vectorized plates the sample sites of ``traces`` nest (0: none)."""
+    dims = [
+        frame.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+def site_plates(site) -> list:
+    """The vectorized plates of a trace site, outermost first, without Pyro's particle plate."""
+    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
+
+
+def data_plate_frame(sites) -> Optional[object]:
+    """The plate over datapoints of ``sites`` (sample sites of traces, subsample sites excluded): the outermost
+    plate that subsamples (``full_size != size``: its sites are scaled by ``N / B``) if there is one, else the
+    outermost plate that every site lies in; ``None`` when no plate is shared by every site."""
+    sites = list(sites)
+    for site in sites:
+        for frame in site_plates(site):
+            if frame.full_size is not None and frame.full_size != frame.size:
+                return frame
+    common = None
+    for site in sites:
+        keys = {(f.name, f.dim) for f in site_plates(site)}
+        common = [f for f in (site_plates(site) if common is None else common) if (f.name, f.dim) in keys]
+    return common[0] if common else None
+
+
+def inspect_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict,
+                  data_plate: Optional[str] = "data") -> Structure:
+    """Trace guide and (replayed) model once, without touching any generator or parameter gradient.
+
+    :param data_plate: the name of the plate over datapoints; ``None``: found from the traces
+        (:func:`data_plate_frame`).
+    """
     with torch.no_grad(), torch.random.fork_rng(devices=[]), poutine.block(), pyro.validation_enabled(False):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    if data_plate is None:
+        frame = data_plate_frame(
+            site for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+            if site["type"] == "sample" and not site_is_subsample(site)
+        )
+        data_plate = None if frame is None else frame.name
     sites = []
     for name, site in guide_trace.nodes.items():
         if not _is_latent(site):
@@ -257,7 +275,7 @@ def inspect_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict, d
                 _base_name(fn),
                 bool(fn.has_rsample),
                 bool(fn.support.is_discrete),
-                any(f.name == data_plate for f in site["cond_indep_stack"]),
+                data_plate is not None and any(f.name == data_plate for f in site["cond_indep_stack"]),
                 kl_known,
             )
         )
@@ -266,7 +284,61 @@ def inspect_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict, d
         for name, site in model_trace.nodes.items()
         if _is_latent(site) and name not in guide_trace.nodes and site["infer"].get("enumerate") == "parallel"
     )
-    return Structure(tuple(sites), enumerated, trace_plate_depth(guide_trace, model_trace))
+    return Structure(tuple(sites), enumerated, trace_plate_depth(guide_trace, model_trace), data_plate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks: when a rule cannot apply
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_applies(spec, structure: Structure, num_particles: int, enumerating: Sequence[str]) -> None:
+    """Raise :class:`EstimatorError`, naming the site and why, when the estimator ``spec`` (an entry of
+    :data:`ppl_models.infer.objectives.ESTIMATORS`) cannot apply to a model and guide of this ``structure``.
+
+    :param enumerating: the names of the estimators that can sum out an enumerated model site (for the message).
+    """
+    name = spec.name
+    if spec.rule in ("pathwise", "sticking-the-landing"):
+        for s in structure.guide_sites:
+            if not s.reparameterizable:
+                why = "a discrete latent" if s.discrete else "its distribution has no rsample"
+                raise EstimatorError(
+                    f"estimator {name!r}: guide site {s.name!r} ({s.fn_name}) has no reparameterized sampler "
+                    f"({why}), so there is no pathwise gradient through it; use 'score-function' "
+                    "(or a baseline variant) for this guide"
+                )
+    if structure.enumerated and not spec.enumerates:
+        if spec.baseline is not None:
+            why = "baselines exist only in TraceGraph_ELBO, which cannot sum out a site"
+        else:
+            why = f"{spec.elbo.__name__} cannot sum out a site"
+        raise EstimatorError(
+            f"estimator {name!r}: the model enumerates site {structure.enumerated[0]!r} "
+            f"(infer={{'enumerate': 'parallel'}}, summed out, not sampled by the guide); {why}; "
+            f"estimators that apply: {', '.join(enumerating)}"
+        )
+    if spec.analytic_kl:
+        for s in structure.guide_sites:
+            if not s.kl_known:
+                raise EstimatorError(
+                    f"estimator {name!r}: guide site {s.name!r} ({s.fn_name}): no closed-form KL to the "
+                    "model's distribution at that site is registered with torch.distributions.kl_divergence "
+                    "(or the site is auxiliary); use 'reparameterized'"
+                )
+    if spec.baseline is not None and num_particles != 1:
+        raise EstimatorError(
+            f"estimator {name!r}: baselines are per draw: num_particles must be 1, received {num_particles}"
+        )
+    if spec.baseline == "neural":
+        outside = [s.name for s in structure.guide_sites if not s.in_data_plate]
+        if outside:
+            plate = repr(structure.data_plate) if structure.data_plate else "over datapoints (there is none)"
+            raise EstimatorError(
+                f"estimator {name!r}: guide site {outside[0]!r} lies outside the data plate {plate}; the neural "
+                "baseline predicts each datapoint's downstream cost from x_i, so it applies to local latents only; "
+                "use 'score-function-avg-baseline'"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,160 +368,35 @@ class NeuralBaseline(nn.Module):
         return self.net(x.reshape(x.shape[0], -1)).squeeze(-1)
 
 
+def neural_baseline_for(name: str, args: tuple, hidden_dims: Sequence[int]) -> NeuralBaseline:
+    """A :class:`NeuralBaseline` for the data tensor ``x = args[0]`` ``(batch, ...)`` (draws its initial weights
+    from torch's global generator)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise EstimatorError(f"estimator {name!r}: the first argument must be the data tensor x")
+    return NeuralBaseline(math.prod(x.shape[1:]), hidden_dims).to(dtype=x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Estimators
+# The guide as a rule runs it
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Estimator:
-    """An estimator bound to one model and guide: call :meth:`loss_and_grads` as Pyro's ``ELBO.loss_and_grads``
-    with the model's arguments.  ``guide`` is the guide as the estimator runs it (wrapped); ``modules`` holds
-    auxiliary networks (the neural baseline), registered in Pyro's param store when the guide runs."""
-
-    name: str
-    model: Callable
-    guide: Callable
-    elbo: infer.ELBO
-    num_particles: int
-    target: str  # "ELBO" or "IWAE-K"
-    structure: Structure
-    modules: Dict[str, nn.Module] = field(default_factory=dict)
-
-    def loss_and_grads(self, *args, **kwargs) -> float:
-        """One estimate: accumulates gradients into the parameters, returns the loss (-ELBO estimate)."""
-        return float(self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs))
-
-    def loss(self, *args, **kwargs) -> float:
-        return float(self.elbo.loss(self.model, self.guide, *args, **kwargs))
-
-    def auxiliary_param_names(self) -> List[str]:
-        """Names in Pyro's param store that belong to the estimator (baselines), not to model or guide."""
-        store = pyro.get_param_store()
-        names = [n for n in store.keys() if n.startswith("__baseline") or n.startswith("nn_baseline$$")]
-        return names
-
-
-def _pathwise_check(name: str, structure: Structure) -> None:
-    for s in structure.guide_sites:
-        if not s.reparameterizable:
-            why = "a discrete latent" if s.discrete else "its distribution has no rsample"
-            raise EstimatorError(
-                f"estimator {name!r}: guide site {s.name!r} ({s.fn_name}) has no reparameterized sampler "
-                f"({why}), so there is no pathwise gradient through it; use 'score-function' "
-                "(or a baseline variant) for this guide"
-            )
-
-
-def make_estimator(
-    name: str,
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict | None = None,
-    *,
-    num_particles: int = 1,
-    data_plate: str = "data",
-    baseline_beta: float = 0.9,
-    baseline_hidden: Sequence[int] = (64,),
-    vectorize_particles: bool = True,
-) -> Estimator:
-    """The estimator ``name`` (:data:`ESTIMATOR_NAMES`) for ``model`` and ``guide``.
-
-    :param args: example arguments of model and guide (their structure is traced once to check that the
-        estimator applies; e.g. ``(x, idx)``).
-    :param kwargs: example keyword arguments (e.g. ``{"num_data": N}``).
-    :param num_particles: draws per estimate (``K`` of ``iwae``); score-function estimators with a baseline
-        take one draw at a time (their baselines are per draw).
-    :param data_plate: the name of the data plate (the neural baseline predicts a cost per datapoint in it).
-    :param baseline_beta: decay of ``score-function-avg-baseline``.
-    :param baseline_hidden: hidden sizes of the neural baseline.
-    :raises EstimatorError: naming the site and why the estimator cannot apply.
-    """
-    if name not in ESTIMATOR_NAMES:
-        raise UnknownNameError("estimator", name, ESTIMATOR_NAMES)
-    if name == "iwae" and (not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1):
-        raise EstimatorError(
-            f"estimator 'iwae': num_particles (K, the number of importance samples) must be an integer >= 1, "
-            f"received {num_particles!r}; the IWAE bound averages K >= 1 importance weights"
-        )
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise EstimatorError(f"estimator {name!r}: num_particles must be an integer >= 1, received {num_particles!r}")
-    kwargs = dict(kwargs or {})
-    structure = inspect_sites(model, guide, args, kwargs, data_plate)
-    if not structure.guide_sites:
-        raise EstimatorError(f"estimator {name!r}: the guide samples no latent site: there is nothing to estimate")
-    if name in PATHWISE:
-        _pathwise_check(name, structure)
-    if structure.enumerated and name not in _ENUM_OK:
-        why = {
-            "score-function-avg-baseline": "baselines exist only in TraceGraph_ELBO, which cannot sum out a site",
-            "score-function-nn-baseline": "baselines exist only in TraceGraph_ELBO, which cannot sum out a site",
-            "analytic-kl": "TraceMeanField_ELBO cannot sum out a site",
-            "iwae": "RenyiELBO cannot sum out a site",
-        }[name]
-        raise EstimatorError(
-            f"estimator {name!r}: the model enumerates site {structure.enumerated[0]!r} "
-            f"(infer={{'enumerate': 'parallel'}}, summed out, not sampled by the guide); {why}; "
-            f"estimators that apply: {', '.join(_ENUM_OK)}"
-        )
-    if name == "analytic-kl":
-        for s in structure.guide_sites:
-            if not s.kl_known:
-                raise EstimatorError(
-                    f"estimator 'analytic-kl': guide site {s.name!r} ({s.fn_name}): no closed-form KL to the "
-                    "model's distribution at that site is registered with torch.distributions.kl_divergence "
-                    "(or the site is auxiliary); use 'reparameterized'"
-                )
-    depth = structure.plate_depth
-    vectorize = vectorize_particles and num_particles > 1
-    base_kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize_particles)
-    base_kwargs["max_plate_nesting"] = depth + int(vectorize)
-    modules: Dict[str, nn.Module] = {}
-    target = "ELBO"
+def view_guide(guide: Callable, rule: str, *, baseline: Optional[str] = None, baseline_beta: float = 0.9,
+               neural_baseline: Optional[NeuralBaseline] = None) -> Callable:
+    """``guide`` as the gradient ``rule`` runs it: its latent sites seen through :class:`EstimatorView`
+    (``"score-function"``, ``"sticking-the-landing"``; other rules: unchanged) and the ``baseline``
+    (``"decaying-average"`` with decay ``baseline_beta``, or ``"neural"``: ``neural_baseline``, registered in
+    Pyro's param store as ``"nn_baseline"`` when the guide runs) attached to every latent site."""
     wrapped = guide
-
-    if structure.enumerated:
-        elbo = infer.TraceEnum_ELBO(**base_kwargs)
-    elif name in ("reparameterized", "sticking-the-landing"):
-        elbo = infer.Trace_ELBO(**base_kwargs)
-    elif name in SCORE_FUNCTION:
-        if name != "score-function" and num_particles != 1:
-            raise EstimatorError(
-                f"estimator {name!r}: baselines are per draw: num_particles must be 1, received {num_particles}"
-            )
-        elbo = infer.TraceGraph_ELBO(**base_kwargs)
-    elif name == "analytic-kl":
-        elbo = infer.TraceMeanField_ELBO(**base_kwargs)
-    else:  # iwae
-        elbo = infer.RenyiELBO(alpha=0.0, **base_kwargs)
-        target = f"IWAE-{num_particles}"
-
-    if name in SCORE_FUNCTION:
-        wrapped = _wrap_view(guide, "score")
-    elif name == "sticking-the-landing":
-        wrapped = _wrap_view(guide, "stl")
-        # fail now, naming the site, if a site's parameters cannot be detached
-        inspect_sites(model, wrapped, args, kwargs, data_plate)
-
-    if name == "score-function-avg-baseline":
+    if rule in ("score-function", "sticking-the-landing"):
+        wrapped = _wrap_view(guide, rule)
+    if baseline == "decaying-average":
         config = {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": float(baseline_beta)}}
         wrapped = poutine.infer_config(wrapped, lambda site: config if _is_latent(site) else {})
-    elif name == "score-function-nn-baseline":
-        outside = [s.name for s in structure.guide_sites if not s.in_data_plate]
-        if outside:
-            raise EstimatorError(
-                f"estimator 'score-function-nn-baseline': guide site {outside[0]!r} lies outside the data plate "
-                f"{data_plate!r}; the neural baseline predicts each datapoint's downstream cost from x_i, so it "
-                "applies to local latents only; use 'score-function-avg-baseline'"
-            )
-        x = args[0]
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise EstimatorError("estimator 'score-function-nn-baseline': the first argument must be the data tensor x")
-        baseline = NeuralBaseline(math.prod(x.shape[1:]), baseline_hidden).to(dtype=x.dtype)
-        modules["nn_baseline"] = baseline
-        wrapped = _wrap_nn_baseline(wrapped, baseline)
-    return Estimator(name, model, wrapped, elbo, num_particles, target, structure, modules)
+    elif baseline == "neural":
+        wrapped = _wrap_nn_baseline(wrapped, neural_baseline)
+    return wrapped
 
 
 def _wrap_view(guide: Callable, mode: str) -> Callable:
@@ -457,7 +404,7 @@ def _wrap_view(guide: Callable, mode: str) -> Callable:
         with _GuideView(mode):
             return guide(*args, **kwargs)
 
-    wrapped.__name__ = f"{getattr(guide, '__name__', 'guide')}_{mode}"
+    wrapped.__name__ = f"{getattr(guide, '__name__', 'guide')}_{mode.replace('-', '_')}"
     return wrapped
 
 
@@ -468,3 +415,42 @@ def _wrap_nn_baseline(guide: Callable, baseline: NeuralBaseline) -> Callable:
         return poutine.infer_config(guide, lambda site: config if _is_latent(site) else {})(x, *args, **kwargs)
 
     return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An estimator bound to a model and guide
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimator:
+    """An estimator bound to one model and guide (:func:`ppl_models.infer.objectives.make_estimator`): call
+    :meth:`loss_and_grads` as Pyro's ``ELBO.loss_and_grads`` with the model's arguments.
+
+    ``objective`` is what runs (the ELBO of :func:`~ppl_models.infer.objectives.make_elbo`, which applies the
+    rule's view of the guide); ``elbo`` the Pyro ELBO that computes it (``objective`` itself, or the ELBO inside
+    it); ``modules`` holds auxiliary networks (the neural baseline), registered in Pyro's param store when the
+    guide runs."""
+
+    name: str
+    model: Callable
+    guide: Callable
+    objective: infer.ELBO
+    elbo: infer.ELBO
+    num_particles: int
+    target: str  # "ELBO", "IWAE-K" or "RenyiELBO(alpha=a)-K"
+    structure: Structure
+    modules: Dict[str, nn.Module] = field(default_factory=dict)
+
+    def loss_and_grads(self, *args, **kwargs) -> float:
+        """One estimate: accumulates gradients into the parameters, returns the loss (-ELBO estimate)."""
+        return float(self.objective.loss_and_grads(self.model, self.guide, *args, **kwargs))
+
+    def loss(self, *args, **kwargs) -> float:
+        return float(self.objective.loss(self.model, self.guide, *args, **kwargs))
+
+    def auxiliary_param_names(self) -> List[str]:
+        """Names in Pyro's param store that belong to the estimator (baselines), not to model or guide."""
+        store = pyro.get_param_store()
+        names = [n for n in store.keys() if n.startswith("__baseline") or n.startswith("nn_baseline$$")]
+        return names

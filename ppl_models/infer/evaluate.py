@@ -15,7 +15,8 @@ plate.  Per datapoint :func:`evaluate` reports
   ``kl`` — :math:`\frac1K \sum_k [\log q(z_k \mid x) - \log p(z_k)]` (the latent sites' terms), so that
   ``elbo = recon - kl``;
 * ``pareto_khat`` — the PSIS :math:`\hat k` of the :math:`K` weights (:func:`ppl_models.infer.diagnostics.psis_khat`):
-  above 0.7 the IWAE estimate is not to be trusted (Vehtari et al. 2024).
+  above 0.7 the IWAE estimate is not to be trusted (Vehtari et al. 2024).  With :math:`K = 1` there is no tail
+  to fit: :math:`\hat k` is skipped (NaN), with a note in ``EvalResult.notes``.
 
 How the draws are vectorized: the guide and the model (replayed on the guide's draws) run inside an outer
 ``pyro.plate("num_samples", chunk, dim=sample_dim)`` on the first dimension left of every plate and
@@ -44,7 +45,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyro
@@ -411,6 +412,9 @@ class EvalResult:
     pareto_khat: np.ndarray
     wall_time_s: float
     timings_s: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)  # what was skipped and why (e.g. k-hat with one sample)
+    checkpoint: Optional[str] = None  # the checkpoint evaluated (set by the caller that loaded it) ...
+    checkpoint_step: Optional[int] = None  # ... and its training step; both go to metrics.json
 
     @property
     def num_data(self) -> int:
@@ -447,6 +451,10 @@ class EvalResult:
         metrics["pareto_khat_frac_undetermined"] = float(np.mean(~np.isfinite(k)))
         metrics["wall_time_s"] = float(self.wall_time_s)
         metrics["timings_s"] = {key: float(v) for key, v in self.timings_s.items()}
+        if self.checkpoint_step is not None:
+            metrics["checkpoint"], metrics["checkpoint_step"] = self.checkpoint, int(self.checkpoint_step)
+        if self.notes:
+            metrics["notes"] = list(self.notes)
         return metrics
 
     def to_inference_data(self):
@@ -516,6 +524,7 @@ def evaluate(
         throughout).  Same draws, same results up to float rounding.
     :param model_kwargs: further keywords of model and guide.
     """
+    from ppl_models.infer.failures import data_rows_named
     from ppl_models.infer.fastpath import CapturedTerms, fast_path_mode
 
     mode = fast_path_mode(fast_path)
@@ -530,6 +539,10 @@ def evaluate(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive integer, received {num_samples!r}")
     out = {name: np.empty(num_data) for name in (*_SUMMED, "pareto_khat")}
+    notes = []
+    if num_samples < 2:  # PSIS fits a tail to at least 2 weights per datapoint
+        out["pareto_khat"][:] = np.nan
+        notes.append(f"pareto_khat skipped: it needs at least 2 importance samples per datapoint, num_samples={num_samples}")
     timings = {"sampling_s": 0.0, "psis_s": 0.0}
     bar = _progress(num_data, progress)
     started = time.perf_counter()
@@ -549,18 +562,9 @@ def evaluate(
                 idx = torch.arange(start, min(start + batch_size, num_data))
                 data = _as_data(dataset.batch(idx, generator))
                 t0 = time.perf_counter()
-                terms, layout = _log_terms(
-                    model,
-                    guide,
-                    data,
-                    idx,
-                    num_samples=num_samples,
-                    spec=spec,
-                    chunk_size=chunk_size,
-                    layout=layout,
-                    kwargs=model_kwargs,
-                    fast=fast,
-                )
+                with data_rows_named(data, idx, what="evaluated data"):
+                    terms, layout = _log_terms(model, guide, data, idx, num_samples=num_samples, spec=spec,
+                                               chunk_size=chunk_size, layout=layout, kwargs=model_kwargs, fast=fast)
                 lw = terms.log_weights  # (K, batch)
                 rows = slice(start, start + idx.shape[0])
                 out["log_likelihood"][rows] = (torch.logsumexp(lw, 0) - log_k).double().cpu().numpy()
@@ -569,7 +573,8 @@ def evaluate(
                 out["kl"][rows] = (terms.log_q - terms.log_prior).mean(0).double().cpu().numpy()
                 t1 = time.perf_counter()
                 # k̂ a batch at a time, from float32 weights: memory stays O(batch × K).
-                out["pareto_khat"][rows] = diagnostics.psis_khat(lw.T.float().cpu().numpy())
+                if num_samples > 1:
+                    out["pareto_khat"][rows] = diagnostics.psis_khat(lw.T.float().cpu().numpy())
                 t2 = time.perf_counter()
                 timings["sampling_s"] += t1 - t0
                 timings["psis_s"] += t2 - t1
@@ -584,6 +589,7 @@ def evaluate(
         num_samples=num_samples,
         wall_time_s=time.perf_counter() - started,
         timings_s=timings,
+        notes=notes,
         **out,
     )
 

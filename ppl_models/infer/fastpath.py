@@ -20,7 +20,9 @@ path does it once and keeps only the numbers:
    (fused Adam for dense parameters, ``SparseAdam`` for per-datapoint tables) then steps.
 
 Unsupported, with a one-line notice and Pyro's ELBO instead (:class:`FastPathUnsupported`): objectives
-other than ``Trace_ELBO`` / ``TraceMeanField_ELBO``, guide sites without ``rsample`` (discrete or
+other than ``Trace_ELBO`` / ``TraceMeanField_ELBO`` / ``IWAE`` (:class:`~ppl_models.infer.objectives.IWAE_ELBO`,
+its particles in one log-sum-exp per datapoint) and the estimators on them (``reparameterized``,
+``analytic-kl``, ``sticking-the-landing``), guide sites without ``rsample`` (discrete or
 score-function sites), enumerated sites, model latents absent from the guide, random draws that depend
 on the inputs, a graph that changes between batches.  Pyro validation steps (the first step, or
 ``validate="always"``) always run through Pyro, so the first step checks everything Pyro checks.
@@ -50,7 +52,6 @@ from pyro.infer.util import is_validation_enabled
 from torch import fx
 
 from ppl_models.infer.capture import (
-    SUPPORTED_ELBOS,
     CapturedLoss,
     CapturedPrograms,
     FastPathUnsupported,
@@ -58,6 +59,7 @@ from ppl_models.infer.capture import (
     capture_function,
     capture_loss,
     notice_stderr,
+    unsupported_objective,
     with_tensors,
 )
 
@@ -68,6 +70,7 @@ __all__ = [
     "JointGradient",
     "FastPath",
     "fast_path_mode",
+    "fast_path_status",
     "make_fast_path",
 ]
 
@@ -251,7 +254,9 @@ class JointGradient:
 class FastPath(CapturedPrograms):
     """Loss and gradients of ``elbo`` for ``model``/``guide`` from captured graphs, one per batch shape.
 
-    :param elbo: a Pyro ``Trace_ELBO`` or ``TraceMeanField_ELBO`` (its ``max_plate_nesting`` set).
+    :param elbo: a Pyro ``Trace_ELBO`` or ``TraceMeanField_ELBO``, an
+        :class:`~ppl_models.infer.objectives.IWAE_ELBO`, or an estimator on one of them (its
+        ``max_plate_nesting`` set; :func:`~ppl_models.infer.capture.unsupported_objective`).
     :param kwargs: keyword arguments of model and guide (``num_data``); a step may pass others (an annealed KL
         weight), and then every program must show, captured again, that it is the same with them.
     :param mode: ``"eager"``, ``"compile"`` or ``"auto"`` (see :func:`fast_path_mode`).
@@ -263,8 +268,9 @@ class FastPath(CapturedPrograms):
     def __init__(self, elbo, model: Callable, guide: Callable, kwargs: dict, *, mode: str = "eager",
                  planned_steps: Optional[int] = None, verify_every: int = 0,
                  notice: Callable[[str], None] = notice_stderr):
-        if type(elbo) not in SUPPORTED_ELBOS:
-            raise FastPathUnsupported(f"objective {type(elbo).__name__} (supported: Trace_ELBO, TraceMeanField_ELBO)")
+        reason = unsupported_objective(elbo)
+        if reason is not None:
+            raise FastPathUnsupported(reason)
         super().__init__(notice)
         self.elbo, self.model, self.guide, self.kwargs = elbo, model, guide, dict(kwargs)
         self.mode = mode
@@ -346,7 +352,8 @@ class FastPath(CapturedPrograms):
 
 def make_fast_path(trainer) -> Optional[FastPath]:
     """The :class:`FastPath` for an engine :class:`~ppl_models.infer.engine.Trainer` (after its set-up: its
-    ``objective`` and ``loss_kwargs()``), or ``None`` with a one-line notice when its settings rule it out."""
+    ``objective`` and ``loss_kwargs()``), or ``None`` when its settings rule it out: the reason goes to
+    ``trainer.fast_path_off`` and, unless the mode is ``"auto"``, to a one-line notice."""
     mode = fast_path_mode(trainer.fast_path)
     if mode is None:
         return None
@@ -357,14 +364,36 @@ def make_fast_path(trainer) -> Optional[FastPath]:
         reason = "a strategy's step rule replaces the joint step"
     elif trainer.validate == "always":
         reason = "validate='always' checks every step through Pyro"
-    elif type(objective) not in SUPPORTED_ELBOS:
-        reason = f"objective {name} (supported: Trace_ELBO, TraceMeanField_ELBO)"
+    else:
+        reason = unsupported_objective(objective)
     if reason is not None:
-        notice_stderr(f"fast path off: {reason}; using Pyro's {name} for every step")
+        trainer.fast_path_off = reason  # the run records it (FitResult.fast_path = "off: <reason>")
+        if mode != "auto":  # "auto", the default, takes the fast path where it applies and says so only in the record
+            notice_stderr(f"fast path off: {reason}; using Pyro's {name} for every step")
         return None
     total = trainer.max_steps if trainer.max_steps is not None else trainer.num_epochs * trainer.num_batches
     return FastPath(objective, trainer.model, trainer.guide, trainer.loss_kwargs(), mode=mode,
                     planned_steps=max(0, total - trainer.step))
+
+
+def fast_path_status(trainer) -> str:
+    """The path an engine :class:`~ppl_models.infer.engine.Trainer`'s training steps take (its run's record):
+    ``"compile"``, ``"eager"`` (with the reason when another mode was asked for) or ``"off: <reason>"``."""
+    mode = fast_path_mode(trainer.fast_path)
+    if mode is None:
+        return "off: fast_path = false"
+    if trainer.parallel is not None:
+        return "off: several processes or a GPU"
+    fast = trainer._fast
+    if fast is None:
+        return f"off: {getattr(trainer, 'fast_path_off', None) or 'not set up yet'}"
+    if fast.disabled is not None:
+        return f"off: {fast.disabled} (after {fast.steps} steps on the fast path)"
+    if any(run is not fast.captured[key].graph for key, run in fast.runners.items()):
+        return "compile"
+    if mode == "auto":
+        return "eager (auto: compiling would not repay itself in this run)"
+    return "eager" if mode == "eager" else "eager (compiling failed; see the notice)"
 
 
 # --------------------------------------------------------------------------------------- evaluation

@@ -13,6 +13,11 @@ the gradients to ``None`` directly, and fused Adam/AdamW call torch's fused kern
 exists (:class:`_FusedAdamStep`): the same kernel on the same tensors as ``torch.optim.Adam(fused=True).step()``
 — bitwise the same update — without its per-call grouping and step-counter bookkeeping (measured on the VAE
 784-400-20: 0.1-0.4 ms of a 5-8 ms step).
+
+A learning-rate schedule (:mod:`ppl_models.infer.schedules`) sets :attr:`Optimizer.lr_factor` before each step:
+every group, dense and sparse, steps at ``lr_factor`` times its own lr, as ``torch.optim.lr_scheduler.LambdaLR``
+would set it; the groups keep their base lr (in the checkpoint too), so a step rule that sets a group's lr itself
+(``svi-local``'s ``local_lr``) is scheduled as well.
 """
 
 from __future__ import annotations
@@ -114,6 +119,9 @@ class Optimizer:
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self._params = [p for _, p in named_params]
         self._fused_step = None
+        #: The learning-rate schedule's factor on every group's lr at the next :meth:`step`
+        #: (:mod:`ppl_models.infer.schedules`); 1: each group's own lr.
+        self.lr_factor = 1.0
         if dense:
             dense_kwargs = dict(kwargs)
             if name in _FUSABLE and "fused" not in dense_kwargs and _fused_supported(dense):
@@ -136,9 +144,21 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
+        """One step of every optimizer, each group at ``lr_factor`` times its own lr (the groups keep their lr)."""
+        factor = self.lr_factor
         for key, opt in self.optimizers.items():
-            if not (key == "dense" and self._fused_step is not None and self._fused_step()):
-                opt.step()
+            groups = opt.param_groups
+            if factor != 1.0:
+                base = [group["lr"] for group in groups]
+                for group, lr in zip(groups, base):
+                    group["lr"] = lr * factor
+            try:
+                if not (key == "dense" and self._fused_step is not None and self._fused_step()):
+                    opt.step()
+            finally:
+                if factor != 1.0:
+                    for group, lr in zip(groups, base):
+                        group["lr"] = lr
 
     def state_dict(self) -> dict:
         return {"names": list(self.names), **{k: opt.state_dict() for k, opt in self.optimizers.items()}}

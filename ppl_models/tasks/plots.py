@@ -56,7 +56,9 @@ def plot_elbo_curves(history: Dict[str, list], path: Path, title: str = "") -> P
         valid = np.asarray(history["valid_elbo"], dtype=float)
         if np.isfinite(valid).any():
             ax.plot(history["step"], valid, "s-", ms=3, label="validation")
-    values = [v for key in ("log_train_elbo", "train_elbo", "valid_elbo") for v in history.get(key, []) if np.isfinite(v)]
+    if history.get("valid_step"):  # validation every valid_every steps
+        ax.plot(history["valid_step"], history["valid_step_elbo"], "s-", ms=3, label="validation")
+    values = [v for key in ("log_train_elbo", "train_elbo", "valid_elbo", "valid_step_elbo") for v in history.get(key, []) if np.isfinite(v)]
     if values:  # the first steps are far below: show the last 95% of the range
         lo, hi = np.percentile(values, 5), max(values)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))

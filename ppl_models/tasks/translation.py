@@ -1,0 +1,163 @@
+r"""Translation with a trained latent-alignment model (:mod:`ppl_models.alignment`): greedy and beam-search
+decoding and corpus BLEU, for the alignment task's evaluation (:func:`ppl_models.tasks.alignment.evaluate`).
+
+* :func:`greedy_decode`, :func:`beam_decode` — left to right with :meth:`ppl_models.alignment.AlignmentNet.step`
+  (input feeding included), :math:`\log p(y_t \mid x, y_{<t})` of each variant: soft attention's softmax, or the
+  latent variants' sum over the alignment :math:`\sum_i p(z_t = i)\, p(y_t \mid z_t = i)`;
+* :func:`corpus_bleu` — corpus BLEU (Papineni et al. 2002), one reference, on tokens;
+* :func:`translate_split` — both on a split, its BLEU and a few examples.
+
+References:
+    Papineni, Roukos, Ward & Zhu (2002), BLEU: a Method for Automatic Evaluation of Machine Translation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ppl_models.alignment import AlignmentNet
+from ppl_models.atomic import atomic_write_bytes
+
+__all__ = ["greedy_decode", "beam_decode", "corpus_bleu", "translate_split"]
+
+
+def _eval_batches(dataset, batch_size: int):
+    """Index batches of similar lengths, in a fixed order."""
+    order = sorted(range(dataset.num_data), key=lambda i: (len(dataset.src[i]), len(dataset.tgt[i])))
+    for start in range(0, len(order), batch_size):
+        yield torch.tensor(order[start : start + batch_size])
+
+
+def _step_log_probs(net: AlignmentNet, memory, hidden, prior, context):
+    """``log p(y_t | x, y_<t)`` ``(N, V)`` from a decoder step (:meth:`AlignmentNet.step`): ``hidden`` ``(N, H)``,
+    ``prior`` logits ``(N, S)``, soft ``context`` ``(N, 2H)``."""
+    if net.variant == "soft":
+        return net.out(net.out_hidden(hidden) + net.out_memory(context)).log_softmax(-1)
+    a = net.logits_hidden(hidden)[:, None, :]  # (N, 1, V)
+    b = net.logits_memory(memory)  # (N, S, V)
+    return (prior[..., None] + (a + b).log_softmax(-1)).logsumexp(1)
+
+
+@torch.no_grad()
+def greedy_decode(net: AlignmentNet, src, src_lengths, max_len: int = 60, eos_index: int = 3):
+    """Greedy translations: a list of index lists (``<eos>`` removed), one per source sentence; at most
+    ``min(max_len, 2 S + 10)`` tokens for the batch's longest source length ``S``."""
+    net.eval()
+    max_len = min(max_len, 2 * int(src_lengths.max()) + 10)
+    memory = net.encode(src, src_lengths)
+    src_mask = torch.arange(src.shape[1]) < src_lengths[:, None]
+    batch = src.shape[0]
+    token = torch.full((batch,), net.bos_index, dtype=torch.long)
+    state = context = None
+    out = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    for _ in range(max_len):
+        hidden, state, prior, context = net.step(token, state, context, memory, src_mask)
+        token = _step_log_probs(net, memory, hidden, prior, context).argmax(-1)
+        for i in range(batch):
+            if not done[i]:
+                if int(token[i]) == eos_index:
+                    done[i] = True
+                else:
+                    out[i].append(int(token[i]))
+        if bool(done.all()):
+            break
+    return out
+
+
+@torch.no_grad()
+def beam_decode(net: AlignmentNet, src, src_length: int, beam_size: int = 5, max_len: int = 60, eos_index: int = 3):
+    """Beam search for one source sentence ``src`` ``(S,)``: the finished hypothesis of highest log-probability
+    (``<eos>`` removed), at most ``min(max_len, 2 S + 10)`` tokens.  Search stops when no live hypothesis scores above
+    the best finished one (scores only fall)."""
+    net.eval()
+    max_len = min(max_len, 2 * src_length + 10)
+    src = src[None, :src_length]
+    memory = net.encode(src, torch.tensor([src_length]))
+    src_mask = torch.ones(1, src_length, dtype=torch.bool)
+    beams = [([], 0.0, None, net.bos_index, None)]  # (tokens, score, decoder state, last token, soft context)
+    best = None  # (tokens, score) of the best finished hypothesis
+    for _ in range(max_len):
+        tokens = torch.tensor([b[3] for b in beams])
+        states = None if beams[0][2] is None else torch.cat([b[2] for b in beams], dim=1)
+        contexts = None if beams[0][4] is None else torch.cat([b[4] for b in beams], dim=0)
+        k = len(beams)
+        mem, mask = memory.expand(k, -1, -1), src_mask.expand(k, -1)
+        hidden, new_state, prior, new_context = net.step(tokens, states, contexts, mem, mask)
+        log_probs = _step_log_probs(net, mem, hidden, prior, new_context)
+        scores = torch.tensor([b[1] for b in beams])[:, None] + log_probs
+        top, flat = scores.flatten().topk(min(beam_size + 1, scores.numel()))
+        candidates = []
+        for score, f in zip(top.tolist(), flat.tolist()):
+            b, v = divmod(f, log_probs.shape[1])
+            if v == eos_index:
+                if best is None or score > best[1]:
+                    best = (beams[b][0], score)
+            elif len(candidates) < beam_size:
+                candidates.append((beams[b][0] + [v], score, new_state[:, b : b + 1], v, new_context[b : b + 1]))
+        if not candidates or (best is not None and candidates[0][1] <= best[1]):
+            break
+        beams = candidates
+    if best is None:
+        best = max(((b[0], b[1]) for b in beams), key=lambda h: h[1])
+    return best[0]
+
+
+def corpus_bleu(hypotheses, references, max_n: int = 4) -> float:
+    """Corpus BLEU (Papineni et al. 2002) in percent, one reference per sentence, no smoothing, on token lists."""
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        hyp_len += len(hyp)
+        ref_len += len(ref)
+        for n in range(1, max_n + 1):
+            h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+            r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
+            totals[n - 1] += max(0, len(hyp) - n + 1)
+    if min(matches) == 0 or hyp_len == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    brevity = min(0.0, 1.0 - ref_len / hyp_len)
+    return 100.0 * math.exp(log_precision + brevity)
+
+
+@torch.no_grad()
+def translate_split(net: AlignmentNet, dataset, path=None, *, beam_size: int = 5, num_beam: int = 100,
+                    batch_size: int = 64) -> dict:
+    """Greedy translations of the whole split and beam search on its first ``num_beam`` sentences; corpus BLEU of
+    both (against the one reference, on tokens, ``<unk>`` counted as a token); the first 20 written to ``path``."""
+    start = time.perf_counter()
+    vocab = dataset.tgt_vocab
+    greedy = [None] * dataset.num_data
+    for idx in _eval_batches(dataset, batch_size):
+        src, src_lengths, _, _ = dataset.batch(idx)
+        for i, hyp in zip(idx.tolist(), greedy_decode(net, src, src_lengths, eos_index=vocab.eos_index)):
+            greedy[i] = hyp
+    n_beam = min(num_beam, dataset.num_data)
+    beam = [beam_decode(net, torch.tensor(dataset.src[i]), len(dataset.src[i]), beam_size, eos_index=vocab.eos_index)
+            for i in range(n_beam)]
+    refs = [t[:-1] for t in dataset.tgt]
+    out = {
+        "bleu_greedy": corpus_bleu(greedy, refs),
+        "bleu_beam": corpus_bleu(beam, refs[:n_beam]),
+        "bleu_greedy_same_sentences": corpus_bleu(greedy[:n_beam], refs[:n_beam]),
+        "beam_size": beam_size,
+        "num_beam_sentences": n_beam,
+        "decode_wall_time_s": time.perf_counter() - start,
+    }
+    if path is not None:
+        lines = []
+        for i in range(min(20, n_beam)):
+            lines += [f"src:    {' '.join(dataset.src_vocab.decode(dataset.src[i]))}",
+                      f"ref:    {' '.join(vocab.decode(dataset.tgt[i]))}",
+                      f"greedy: {' '.join(vocab.decode(greedy[i]))}",
+                      f"beam{beam_size}:  {' '.join(vocab.decode(beam[i]))}", ""]
+        text = "\n".join(lines).encode()
+        atomic_write_bytes(Path(path), lambda f: f.write(text))
+    return out
