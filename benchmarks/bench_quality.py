@@ -157,7 +157,7 @@ def train_engine(budget: float, out: Path, threads: int | None) -> None:
     for name, net in (("encoder", encoder), ("decoder", decoder)):  # strict: the same names and shapes
         net.load_state_dict({k.split("$$$", 1)[1]: v for k, v in params.items() if k.startswith(name + "$$$")})
     metrics = {}
-    for name in ("metrics.json", "fit.json"):
+    for name in ("train.json",):
         if (run_dir / "run" / name).is_file():
             metrics = json.loads((run_dir / "run" / name).read_text())
     torch.save({"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "steps": state["step"],

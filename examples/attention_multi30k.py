@@ -22,11 +22,14 @@ Data: Multi30k from --data-dir, $PPL_MODELS_DATA, the cache, or a verified downl
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from ppl_models.alignment import VARIANTS
-from ppl_models.atomic import atomic_write_bytes
+from ppl_models.app.cli import report_errors
 from ppl_models.app.experiment import Experiment
+from ppl_models.atomic import atomic_write_bytes
+from ppl_models.registry import UnknownNameError
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "attention_multi30k.toml"
 
@@ -41,7 +44,7 @@ def run_variant(args, variant: str) -> dict:
     for split in ("train", "test"):
         if getattr(args, f"limit_{split}") is not None:
             overrides[f"data.limit_{split}"] = getattr(args, f"limit_{split}")
-    experiment = Experiment.from_file(args.config, overrides, run_dir=Path(args.run_root) / variant)
+    experiment = Experiment.from_file(args.config, overrides, run_dir=Path(args.run_root) / variant, resume=args.resume)
     result, metrics = experiment.fit(resume=args.resume)
     summary = metrics.to_metrics()
     summary["train_steps"] = result.step
@@ -75,7 +78,7 @@ def main(args):
     rows = []
     for variant in args.variants:
         if variant not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+            raise UnknownNameError("variant", variant, VARIANTS)
         path = Path(args.run_root) / variant / "summary.json"
         if args.table_only:
             if path.is_file():
@@ -106,4 +109,4 @@ if __name__ == "__main__":
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--table-only", action="store_true", help="only print the table of finished runs")
     parser.add_argument("--no-progress", action="store_true")
-    main(parser.parse_args())
+    sys.exit(report_errors(main)(parser.parse_args()))

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ppl_models.compare import load_compare_config, run_comparison
+from ppl_models.app.cli import report_errors
 from ppl_models.app.config import parse_override
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "compare_estimators.toml"
@@ -54,4 +55,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    sys.exit(report_errors(main)(parse_args(sys.argv[1:])))

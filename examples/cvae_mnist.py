@@ -15,6 +15,7 @@ CLL (IWAE bound, K = --num-samples draws from the recognition network).
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.cvae import complete_images
 from ppl_models.encodings import complete
+from ppl_models.app.cli import report_errors
 from ppl_models.app.experiment import Experiment
 from ppl_models.tasks.plots import plot_image_grid
 
@@ -117,4 +119,4 @@ if __name__ == "__main__":
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--run-root", default="runs/cvae_mnist")
     parser.add_argument("--no-progress", action="store_true")
-    main(parser.parse_args())
+    sys.exit(report_errors(main)(parser.parse_args()))

@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ppl_models.app.cli import report_errors  # noqa: E402
 from ppl_models.atomic import atomic_write_bytes  # noqa: E402
 from ppl_models.app.config import GuideConfig, load_config, parse_override  # noqa: E402
 from ppl_models.infer.evaluate import evaluate  # noqa: E402
@@ -233,4 +235,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    sys.exit(report_errors(main)(build_parser().parse_args()))

@@ -41,6 +41,7 @@ import torch
 from pyro import poutine
 
 from ppl_models import registry
+from ppl_models.app.cli import report_errors
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.app.config import ConfigError, parse_override, read_toml
 from ppl_models.data.ptb import SentenceDataset, ptb_splits
@@ -72,7 +73,8 @@ _SECTIONS = ("label", "model", "guide", *SCHEMA)
 
 # ------------------------------------------------------------------------------------------------ config
 def load_run_config(path, overrides=()) -> dict:
-    """The TOML run config with ``SECTION.KEY=VALUE`` overrides, checked against :data:`SCHEMA`."""
+    """The TOML run config with ``SECTION.KEY=VALUE`` overrides (``-o``/``--set``, read by the command line's
+    :func:`~ppl_models.app.config.parse_override`), checked against :data:`SCHEMA`."""
     path = Path(path)
     raw = read_toml(path)
     for text in overrides:
@@ -357,7 +359,7 @@ def main(args):
         return text
     if not args.config:
         raise ConfigError("give --config CONFIG.toml (examples/configs/ptb_*.toml) or --table RUN_DIR ...")
-    config = load_run_config(args.config, args.override or ())
+    config = load_run_config(args.config, args.overrides)
     if args.label:
         config["label"] = args.label
     results = run(config, args.run_dir, resume=args.resume)
@@ -368,8 +370,9 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CONFIGS / "ptb_lstm_lm.toml"), help="run TOML (default: %(default)s)")
-    parser.add_argument("-o", "--override", action="append", metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. -o train.time_limit=60 (repeatable)")
+    parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key, e.g. -o train.time_limit=60 (repeatable; the value is read as "
+                             "TOML, as by ppl-models fit)")
     parser.add_argument("--run-dir", default=None, help="default: the config's [output].run_dir")
     parser.add_argument("--label", default=None, help="the run's name in the table (default: the config's label)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
@@ -379,4 +382,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    main(parse_args())
+    sys.exit(report_errors(main)(parse_args()))

@@ -58,6 +58,9 @@ __all__ = [
     "model_names",
     "guide_names",
     "instantiate",
+    "bind",
+    "Bound",
+    "unscaled",
     "builtin_modules",
     "load_source",
     "ENTRY_POINT_GROUP",
@@ -106,7 +109,9 @@ class GuideEntry:
 
 @dataclass
 class Instance:
-    """A model and a guide with their networks bound: call both as ``f(*data, num_data=N)``."""
+    """A model and a guide with their networks bound (:func:`bind`): call both as ``f(*data, idx)``, which scales a
+    batch by ``num_data / len(idx)`` (the ``num_data`` given to :func:`instantiate`), or ``f(*data)`` for the whole
+    data set."""
 
     model_name: str
     guide_name: str
@@ -347,8 +352,7 @@ def instantiate(
     entry = get_model(model_name)
     check_kwargs(f"model {model_name!r}", entry.build, model_kwargs)
     parts = entry.build(**model_kwargs)
-    model = functools.partial(entry.model, **parts.modules)
-    functools.update_wrapper(model, entry.model)
+    model = bind(entry.model, parts.modules, num_data)
     if guide_name is None:
         if guide_kwargs:
             raise ValueError(f"guide hyperparameters {sorted(guide_kwargs)} given but no guide")
@@ -364,6 +368,60 @@ def instantiate(
     if clash:
         raise ValueError(f"model and guide both name a network {sorted(clash)}; rename one")
     modules = nn.ModuleDict({**parts.modules, **guide_modules})
-    guide = functools.partial(gentry.guide, **guide_modules)
-    functools.update_wrapper(guide, gentry.guide)
+    guide = bind(gentry.guide, guide_modules, num_data)
     return Instance(model_name, guide_name, parts.spec, model, guide, modules)
+
+
+class Bound(functools.partial):
+    """A model or guide ``fn(*data, idx=None, *, <networks>, num_data=None)`` with its networks bound (a
+    :class:`functools.partial`: ``func`` and ``keywords`` as usual) and ``num_data`` the default size of the data set
+    that a batch's ``idx`` indexes.
+
+    Called with ``idx`` and without ``num_data``, it passes ``num_data``, so the data plate scales the batch's
+    log-densities by N / |idx|: ``pyro.infer.SVI(model, guide, optim, elbo).step(x, idx)`` estimates the ELBO of the
+    whole data set, as the engine's steps do.  Called without ``idx`` (the batch is the whole data set) or with
+    ``num_data`` given (``num_data=None``: no scaling, as the evaluator scores each datapoint), it passes what it is
+    given.  Its signature is ``fn``'s without the networks, ``num_data`` defaulting to N."""
+
+    def __new__(cls, fn: Callable, modules: Mapping[str, nn.Module], num_data: int | None = None):
+        self = super().__new__(cls, fn, **modules)
+        signature = inspect.signature(fn)
+        names = list(signature.parameters)
+        takes = "num_data" in names or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        self._idx_position = names.index("idx") if num_data is not None and takes and "idx" in names else None
+        self.num_data = num_data
+        functools.update_wrapper(self, fn)
+        params = [p for name, p in signature.parameters.items() if name not in modules]
+        if num_data is not None:
+            params = [p.replace(default=num_data) if p.name == "num_data" else p for p in params]
+        self.__signature__ = signature.replace(parameters=params)
+        return self
+
+    def __call__(self, /, *args, **kwargs):
+        position = self._idx_position
+        if position is not None and "num_data" not in kwargs:
+            idx = args[position] if len(args) > position else kwargs.get("idx")
+            if idx is not None:
+                kwargs["num_data"] = self.num_data
+        return super().__call__(*args, **kwargs)
+
+    def __reduce__(self):  # pickled as what it is built from (functools.partial's own state omits num_data)
+        return (type(self), (self.func, self.keywords, self.num_data))
+
+
+def unscaled(*programs: Callable) -> dict:
+    """``{"num_data": None}`` when every program (model, guide) takes ``num_data``, else ``{}``: the keywords that
+    score a batch given with its indices unscaled, although a :class:`Bound` program defaults to N / |idx|."""
+    for fn in programs:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return {}
+        if "num_data" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return {}
+    return {"num_data": None}
+
+
+def bind(fn: Callable, modules: Mapping[str, nn.Module], num_data: int | None = None) -> Bound:
+    """``fn`` with its networks bound and ``num_data`` its default for batches given with ``idx`` (:class:`Bound`)."""
+    return Bound(fn, modules, num_data)

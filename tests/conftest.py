@@ -6,11 +6,17 @@
   ``PPL_MODELS_DATA`` defaults to it (an already-set value wins), so loaders find the files
   without downloading.  The ``shared_data`` fixture returns that directory, or skips the test
   when it is missing.
+* ``--busy-load N`` (or ``PPL_MODELS_TEST_BUSY_LOAD=N``) runs the session beside N busy processes (one spinning
+  Python loop each), as on a shared machine; the summary reports the session's wall time.  No test depends on
+  wall-clock speed, so the suite must pass the same way (CI runs it with N = 3).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyro
@@ -24,10 +30,41 @@ DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 _SHARED_DATA: Path | None = None
 
 
+_BUSY: list = []
+_STARTED = time.perf_counter()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--busy-load", type=int, default=int(os.environ.get("PPL_MODELS_TEST_BUSY_LOAD", "0")),
+                     metavar="N", help="run the tests beside N busy processes (a loaded machine)")
+
+
+def pytest_sessionstart(session):
+    n = session.config.getoption("--busy-load")
+    if n < 0:
+        raise pytest.UsageError(f"--busy-load: expected a non-negative integer, received {n}")
+    _BUSY.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc in _BUSY:
+        proc.kill()
+        proc.wait()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.getoption("--busy-load")
+    if n:
+        terminalreporter.write_line(f"busy load: {n} spinning processes ran beside the tests; session wall time "
+                                    f"{time.perf_counter() - _STARTED:.0f} s")
+
+
 def pytest_configure(config):
     global _SHARED_DATA
     if DEFAULT_SHARED_DATA.is_dir():
         os.environ.setdefault("PPL_MODELS_DATA", str(DEFAULT_SHARED_DATA))
+    if os.environ.get("PPL_MODELS_DATA"):  # absolute: tests run commands from other working directories
+        os.environ["PPL_MODELS_DATA"] = str(Path(os.environ["PPL_MODELS_DATA"]).resolve())
     _SHARED_DATA = Path(os.environ.get("PPL_MODELS_DATA") or DEFAULT_SHARED_DATA)
 
 

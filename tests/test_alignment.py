@@ -7,6 +7,7 @@ Multi30k loader test, which uses the shared copy when present.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
@@ -203,7 +204,7 @@ def _score_function_draws(inst, args, idx, passes: int):
     for _ in range(passes):
         for p in inst.modules.parameters():
             p.grad = None
-        graph.loss_and_grads(inst.model, inst.guide, *args, idx)
+        graph.loss_and_grads(inst.model, inst.guide, *args, idx, num_data=None)  # the batch's own objective
         draws.append(_flat_grads(params))
     return torch.stack(draws), params
 
@@ -464,6 +465,58 @@ def test_aligner_links_argmax_null_threshold_and_q():
 
 
 @pytest.mark.slow
+def test_cli_align_a_trained_run_lowercases_reports_unknowns_and_scores_gold(tmp_path, shared_data, capsys):
+    """An alignment run trained on the lowercased Hansards test text: ``ppl-models align`` reads its vocabularies
+    and lowercasing from vocab.json (no corpus reload), lowercases the cased trial text, reports the <unk> rate that
+    the lowercased text has, aligns both directions and scores the gold."""
+    from ppl_models.data.hansards import hansards_text
+    from ppl_models.data.text import read_parallel
+
+    h = shared_data / "hansards_align"
+    runs = {}
+    for name, (s, t) in {"ef": ("e", "f"), "fe": ("f", "e")}.items():
+        runs[name] = tmp_path / name
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"""
+[model]
+name = "alignment"
+variant = "exact"
+emb_dim = 8
+hidden_dim = 8
+[data]
+name = "parallel"
+source = "{h / f'test.{s}.gz'}"
+target = "{h / f'test.{t}.gz'}"
+lower = true
+[train]
+batch_size = 64
+num_epochs = 1
+validate = false
+[output]
+plots = false
+""")
+        assert cli_main(["fit", str(config), "--run-dir", str(runs[name]), "--no-progress", "--no-evaluate"]) == 0
+        assert json.loads((runs[name] / "vocab.json").read_text())["lower"] is True
+    raw_en, raw_fr = read_parallel(h / "dev.e.gz", h / "dev.f.gz")
+    assert any(w != w.lower() for s in raw_en for w in s)  # the trial text is cased
+    vocab = json.loads((runs["ef"] / "vocab.json").read_text())
+    known = set(vocab["src"]["itos"])
+    trial_en, _ = hansards_text("trial", data_dir=shared_data)  # lowercased
+    unknown = sum(w not in known for s in trial_en for w in s)
+    capsys.readouterr()
+    out = tmp_path / "trial.align"
+    assert cli_main(["align", str(runs["ef"]), str(h / "dev.e.gz"), str(h / "dev.f.gz"), "--reverse", str(runs["fe"]),
+                     "--symmetrize", "grow-diag-final", "--gold", str(h / "dev.wa.nonullalign.gz"), "-o", str(out),
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"forward: alignment (exact): source {unknown}/{sum(map(len, trial_en))} " in err, err
+    assert "note:" not in err  # nothing about the training data: it was not reloaded
+    names = [line.split()[0] for line in err.splitlines() if line.split()]
+    assert {"forward", "reverse", "grow-diag-final"} <= set(names), err
+    assert len(out.read_text().splitlines()) == 37
+
+
+@pytest.mark.slow
 def test_example_runs_with_tiny_flags(tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
     import attention_multi30k
@@ -487,6 +540,29 @@ def test_multi30k_loader_builds_the_configured_vocabularies(shared_data):
     assert (splits["valid"].num_data, splits["test"].num_data) == (1014, 1000)
     assert splits["train"].num_data == 29000 - 158  # pairs over 30 tokens skipped
     assert splits["train"].model_kwargs == {"src_vocab_size": 5917 + 4, "tgt_vocab_size": 6478 + 4}
+
+
+@pytest.mark.slow
+def test_multi30k_with_the_hansards_text_appended_in_either_direction(shared_data):
+    """[data] extra_train appends the Hansards test and trial text (lowercased) to Multi30k's training pairs, in the
+    run's direction, and the vocabularies cover it; an unknown name or a non en/fr pair is one error."""
+    from ppl_models.data.hansards import hansards_text
+    from ppl_models.data.parallel import multi30k_splits
+
+    extra = ["hansards:test", "hansards:trial"]
+    base = multi30k_splits("en", "fr", data_dir=str(shared_data), download=False, min_freq=1, vocab_size=30000)
+    splits = multi30k_splits("fr", "en", data_dir=str(shared_data), download=False, min_freq=1, vocab_size=30000,
+                             extra_train=extra)
+    train = splits["train"]
+    assert train.num_data == base["train"].num_data + 447 + 37 and train.lower
+    trial_en, trial_fr = hansards_text("trial", data_dir=shared_data)
+    assert train.src_vocab.decode(train.src[-1]) == trial_fr[-1]  # French is the source of fr -> en
+    assert train.tgt_vocab.decode(train.tgt[-1]) == trial_en[-1]
+    assert all(w in train.src_vocab for s in trial_fr for w in s)
+    with pytest.raises(TextDataError, match="extra_train: unknown text 'hansards:dev'; valid: hansards:test"):
+        multi30k_splits("en", "fr", data_dir=str(shared_data), download=False, extra_train=["hansards:dev"])
+    with pytest.raises(TextDataError, match="is English-French text, the languages are 'en' and 'de'"):
+        multi30k_splits("en", "de", data_dir=str(shared_data), download=False, extra_train=extra)
 
 
 @pytest.mark.slow

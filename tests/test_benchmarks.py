@@ -86,3 +86,20 @@ def test_evaluation_benchmark_quick_run_reports_json(shared_data):
     assert result["benchmark"] == "evaluate" and set(result["images_per_s"]) == {"hand", "evaluate"}
     diff = result["mean_ll_diff_vs_first"]["evaluate"]
     assert abs(diff["mean"]) < 4 * diff["se"] + 1e-6
+
+
+@pytest.mark.slow
+def test_quality_benchmark_compares_the_main_job_with_plain_pytorch(shared_data, tmp_path):
+    """A tiny budget: both children train, one evaluator scores both; the JSON's difference is the paired
+    difference of the two NLLs it reports, over the images asked for."""
+    out = tmp_path / "quality.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_quality.py"), "--budget", "3", "--num-samples", "5",
+         "--num-test", "40", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PPL_MODELS_DATA": str(shared_data)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["num_test"] == 40 and result["num_samples"] == 5 and result["budget_s"] == 3.0
+    assert result["diff"] == pytest.approx(result["nll_engine"] - result["nll_hand"], abs=2e-3)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import sys
 from pathlib import Path
@@ -193,6 +194,7 @@ def fake_seeds_out(local: bool, seeds=3, n=7, evals=4):
         else:
             item["draws"] = {"weights": r.dirichlet(np.ones(2), size=20), "locs": r.normal(size=(20, 2, 3)),
                              "scales": r.uniform(size=(20, 2, 3))}
+            item["q_draws"] = item["draws"]
             item["global_khat"] = 0.3
         out.append(item)
     return out
@@ -208,13 +210,56 @@ def test_inference_data_round_trips_through_netcdf(tmp_path, local):
     for group in idata.groups():
         for name, var in getattr(idata, group).data_vars.items():
             np.testing.assert_array_equal(getattr(back, group)[name].values, var.values)
-    assert back.sample_stats["elbo"].shape == (3, 1, 4)  # seeds as chains, the curve along "step"
-    np.testing.assert_array_equal(back.sample_stats["step"].values, [0, 5, 10, 15])
-    assert back.log_likelihood.attrs["estimator"] == "reparameterized"
-    if not local:
+    assert back.vi_training["elbo"].dims == ("seed", "step") and back.vi_training["elbo"].shape == (3, 4)
+    np.testing.assert_array_equal(back.vi_training["step"].values, [0, 5, 10, 15])
+    np.testing.assert_array_equal(back.vi_training["seed"].values, [0, 1, 2])
+    assert back.vi_training.attrs["estimator"] == "reparameterized"
+    if local:  # per-datapoint estimates, no draws: nothing for az.loo / az.waic to misread
+        assert set(back.groups()) == {"vi_evaluation", "vi_training"}
+        assert back.vi_evaluation["log_likelihood"].dims == ("seed", "datapoint")
+        assert back.vi_evaluation["pareto_khat"].shape == (3, 7)
+    else:  # each seed's q a chain of draws, with the pointwise log-likelihood of those draws
+        assert back.posterior["locs"].dims == ("chain", "draw", "component", "data_dim")
         assert back.posterior["locs"].shape == (3, 20, 2, 3)
+        assert back.log_likelihood["x"].dims == ("chain", "draw", "datapoint")
         table = diagnostics.summary(back, var_names=["locs"])
         assert {"r_hat", "ess_bulk"} <= set(table.columns)
+        assert np.isfinite(float(diagnostics.loo(back).elpd_loo))
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+
+
+def test_khat_hist_notes_undetermined_khat_and_vi_vs_nuts_labels_its_axes(tmp_path, monkeypatch):
+    from ppl_models.compare import plots
+    from ppl_models.tasks import plots as task_plots
+
+    figures = []
+    monkeypatch.setattr(task_plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    none_finite = fake_seeds_out(True)  # 3 seeds x 7 datapoints
+    for o in none_finite:
+        o["khat"][:] = np.nan
+    some = fake_seeds_out(True)
+    some[0]["khat"][:2] = np.inf
+    plots.plot_khat_hist({"vae": {"reparameterized": none_finite, "iwae": "n/a: reason"},
+                          "gmm": {"score-function": some}}, tmp_path / "khat_hist.png")
+    empty, partial = figures[-1].axes
+    assert not empty.patches  # no histogram: the panel says why
+    assert any("no finite k̂" in t.get_text() and "reparameterized: 21 of 21" in t.get_text() for t in empty.texts)
+    assert partial.patches and any("score-function: 2 of 21" in t.get_text() for t in partial.texts)
+    assert empty.get_xlabel() and partial.get_ylabel()
+
+    r = np.random.default_rng(0)
+    nuts_refs = {
+        "bayesian-gmm": ({"locs": r.normal(size=(10, 2, 3))}, 1.0),
+        "linear-gaussian": {"z_nuts": r.normal(size=(10, 2, 2)), "z_vi": r.normal(size=(10, 2, 2)),
+                            "exact_loc": np.zeros((2, 2)), "exact_tril": np.eye(2)},
+    }
+    plots.plot_vi_vs_nuts({"bayesian-gmm": {"reparameterized": fake_seeds_out(False)}}, nuts_refs,
+                          tmp_path / "vi_vs_nuts.png")
+    for ax in figures[-1].axes:
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+    task_plots.plt.close("all")
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
@@ -252,6 +297,42 @@ def test_compare_command_runs_end_to_end_on_the_small_config(tmp_path, capsys):
     assert idata.posterior["locs"].shape[0] == 2  # two seeds as chains
     nuts = diagnostics.load_netcdf(run_dir / "idata" / "bayesian-gmm__nuts__K2.nc")
     assert {"posterior", "log_likelihood", "sample_stats"} <= set(nuts.groups())
+
+
+def test_a_reused_run_directory_keeps_no_output_of_the_previous_comparison(tmp_path, capsys):
+    """Outputs a previous comparison wrote (its manifest.json) that this run does not write again are removed,
+    and named on stderr; files the comparison did not write are left alone."""
+    run_dir = tmp_path / "cmp"
+    tiny = ["-o", "gradients.num_draws=2", "-o", "training.num_seeds=1",
+            "-o", "compare.estimators=[\"score-function\"]"]
+    assert cli_main(["compare", str(SMALL), "--run-dir", str(run_dir), "-o", "compare.problems=[\"gmm\",\"vae\"]",
+                     *tiny]) == 0
+    (run_dir / "notes.txt").write_text("mine")
+    first = set(json.loads((run_dir / "manifest.json").read_text())["files"])
+    assert {"idata/gmm__score-function.nc", "idata/vae__score-function.nc", "khat_hist.png"} <= first
+    assert all((run_dir / name).is_file() for name in first)
+    capsys.readouterr()
+    assert cli_main(["compare", str(SMALL), "--run-dir", str(run_dir), "-o", "compare.problems=[\"gmm\"]",
+                     "-o", "compare.plots=false", *tiny]) == 0
+    err = capsys.readouterr().err
+    second = set(json.loads((run_dir / "manifest.json").read_text())["files"])
+    gone = sorted(first - second)
+    assert "idata/vae__score-function.nc" in gone and "khat_hist.png" in gone
+    assert not any((run_dir / name).exists() for name in gone)
+    assert all((run_dir / name).is_file() for name in second)
+    assert sorted(p.name for p in (run_dir / "idata").iterdir()) == ["gmm__score-function.nc"]
+    assert f"removed the {len(first)} files of the previous comparison" in err
+    assert f"{len(gone)} files of the previous comparison were not written again" in err
+    assert all(name in err for name in gone)
+    assert (run_dir / "notes.txt").read_text() == "mine"  # not listed in the manifest: untouched
+
+
+def test_a_manifest_the_comparison_did_not_write_is_an_error(tmp_path):
+    run_dir = tmp_path / "cmp"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"files": "everything"}')
+    with pytest.raises(ValueError, match=r"manifest.json: not a comparison's manifest"):
+        compare.run_comparison(compare.load_compare_config(SMALL, {"compare.problems": ["gmm"]}), run_dir)
 
 
 @pytest.mark.slow

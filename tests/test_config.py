@@ -105,3 +105,30 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     assert "model vae: guides amortized, amortized-mlp, mean-field" in out
     assert "TraceGraph_ELBO" in out and "adam" in out
+
+
+def test_cli_list_names_strategies_estimators_and_every_data_set(capsys):
+    from ppl_models.data import DATASETS
+    from ppl_models.infer.objectives import GRADIENT_ESTIMATORS
+    from ppl_models.infer.strategies import STRATEGIES
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.split(":", 1)[0]: line.split(":", 1)[1].strip().split(", ") for line in lines}
+    assert listed["data sets"] == sorted(DATASETS) and "ptb" in listed["data sets"]
+    assert listed["strategies ([train] strategy)"] == list(STRATEGIES)
+    assert listed["gradient estimators ([compare] estimators by default)"] == list(GRADIENT_ESTIMATORS)
+
+
+def test_the_data_set_table_lives_in_the_data_layer(monkeypatch):
+    from ppl_models.data import DATASETS, dataset_loader, register_dataset
+    from ppl_models.data.ptb import ptb_splits
+
+    assert dataset_loader("ptb") is ptb_splits  # loader(**options) -> {"train", "valid", "test"}
+    with pytest.raises(UnknownNameError, match=r"unknown data set 'ptbb'; valid .*ptb"):
+        dataset_loader("ptbb")
+    with pytest.raises(TypeError, match=r"register_dataset\('mine'\): expected a callable loader"):
+        register_dataset("mine", "ppl_models.data.ptb:ptb_splits")
+    monkeypatch.setitem(DATASETS, "placeholder", None)  # restored after the test
+    register_dataset("placeholder", ptb_splits)
+    assert dataset_loader("placeholder") is ptb_splits

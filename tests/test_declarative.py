@@ -21,17 +21,18 @@ from ppl_models.infer.evaluate import evaluate
 from ppl_models.app.experiment import Experiment
 from ppl_models.infer import fit
 from ppl_models.linear_gaussian import LinearGaussianParams, log_evidence
+from ppl_models.ppca import exact_log_likelihood, ppca
 from ppl_models.spec import LatentSite, ShapeError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "ppca.toml"
-ppca_example = registry.load_source(str(REPO / "examples" / "ppca.py"))  # declares and registers "ppca"
+ppca_example = registry.load_source(str(REPO / "examples" / "ppca.py"))  # the example script (its main)
 
 
 def truth(z_dim, x_dim, seed=0):
     """Networks of a factor-analysis model with clearly non-isotropic noise."""
     g = torch.Generator().manual_seed(seed)
-    nets = ppca_example.ppca.build(z_dim=z_dim, x_dim=x_dim).modules["networks"]
+    nets = ppca.build(z_dim=z_dim, x_dim=x_dim).modules["networks"]
     with torch.no_grad():
         nets.nets["loading"].weight.copy_(torch.randn(x_dim, z_dim, generator=g))
         nets.nets["loading"].bias.copy_(torch.randn(x_dim, generator=g))
@@ -92,7 +93,7 @@ def test_declared_joint_density_is_the_factor_analysis_density():
     """log p(x, z) of the built model equals the hand-written Gaussian densities (exact)."""
     nets = truth(2, 4)
     x, z = torch.randn(5, 4), torch.randn(5, 2)
-    conditioned = pyro.poutine.condition(ppca_example.ppca.model, data={"z": z})
+    conditioned = pyro.poutine.condition(ppca.model, data={"z": z})
     trace = pyro.poutine.trace(conditioned).get_trace(x, networks=nets)
     trace.compute_log_prob()
     loading = nets.nets["loading"]
@@ -105,13 +106,13 @@ def test_declared_joint_density_is_the_factor_analysis_density():
 
 def test_exact_log_likelihood_agrees_with_the_linear_gaussian_model():
     """The example's closed form, isotropic case, equals the package's conjugate model's evidence."""
-    nets = ppca_example.ppca.build(z_dim=2, x_dim=5, isotropic=True).modules["networks"]
+    nets = ppca.build(z_dim=2, x_dim=5, isotropic=True).modules["networks"]
     lg = LinearGaussianParams(2, 5, init_sigma=0.7)
     with torch.no_grad():
         nets.nets["loading"].weight.copy_(lg.W), nets.nets["loading"].bias.copy_(torch.arange(5.0))
         lg.b.copy_(torch.arange(5.0)), nets.params["log_noise_scale"].fill_(math.log(0.7))
     x = torch.randn(9, 5)
-    torch.testing.assert_close(ppca_example.exact_log_likelihood(nets, x), log_evidence(lg, x))
+    torch.testing.assert_close(exact_log_likelihood(nets, x), log_evidence(lg, x))
 
 
 def test_guide_equal_to_the_exact_posterior_gives_elbo_equal_to_the_log_evidence():
@@ -120,7 +121,7 @@ def test_guide_equal_to_the_exact_posterior_gives_elbo_equal_to_the_log_evidence
     instance = registry.instantiate("ppca", "mean-field", num_data=n, model_kwargs={"z_dim": 1, "x_dim": 4})
     nets = instance.modules["networks"]
     copy_networks(nets, truth(1, 4))
-    x = ppca_example.ppca.simulate(nets, n)["x"]
+    x = ppca.simulate(nets, n)["x"]
     W, b = nets.nets["loading"].weight.detach(), nets.nets["loading"].bias.detach()
     psi = nets.params["log_noise_scale"].detach().exp().pow(2)
     precision = 1.0 + (W[:, 0] ** 2 / psi).sum()
@@ -131,7 +132,7 @@ def test_guide_equal_to_the_exact_posterior_gives_elbo_equal_to_the_log_evidence
         table[:, 0] = z_loc
         table[:, 1] = z_scale.expm1().log()  # inverse softplus
     result = evaluate(instance.model, instance.guide, x, spec=instance.spec, num_samples=64, progress=False)
-    exact = ppca_example.exact_log_likelihood(nets, x).detach().double().numpy()
+    exact = exact_log_likelihood(nets, x).detach().double().numpy()
     assert abs(result.elbo - exact).max() < 1e-4
     assert abs(result.log_likelihood - exact).max() < 1e-4
 
@@ -143,7 +144,7 @@ def test_fitted_elbo_and_iwae_bracket_the_exact_log_likelihood(guide):
     tolerances are 3 standard errors of the mean over datapoints of the per-datapoint differences."""
     n, z_dim, x_dim = 400, 2, 6
     data_nets = truth(z_dim, x_dim, seed=3)
-    x = ppca_example.ppca.simulate(data_nets, n)["x"]
+    x = ppca.simulate(data_nets, n)["x"]
     pyro.set_rng_seed(0)
     instance = registry.instantiate("ppca", guide, num_data=n, model_kwargs={"z_dim": z_dim, "x_dim": x_dim})
     from ppl_models.data import TensorDataset
@@ -152,7 +153,7 @@ def test_fitted_elbo_and_iwae_bracket_the_exact_log_likelihood(guide):
         num_epochs=60, progress=False)
     result = evaluate(instance.model, instance.guide, x, spec=instance.spec, num_samples=500, progress=False,
                       generator=torch.Generator().manual_seed(1))
-    exact = ppca_example.exact_log_likelihood(instance.modules["networks"], x).detach().double().numpy()
+    exact = exact_log_likelihood(instance.modules["networks"], x).detach().double().numpy()
     # The Monte Carlo ELBO estimates the fitted guide's closed-form ELBO: within 5 standard errors.
     error, se = mean_and_se(result.elbo - factor_analysis_elbo(instance.modules["networks"], instance.guide, x))
     assert abs(error) <= 5 * se, (error, se)
@@ -259,10 +260,10 @@ def test_ppca_example_runs_with_tiny_flags(tmp_path):
     nets = instance.modules["networks"]
     x = splits["test"].batch(torch.arange(1000), None)[0]
     with torch.no_grad():
-        exact = ppca_example.exact_log_likelihood(nets, x).double().numpy()
+        exact = exact_log_likelihood(nets, x).double().numpy()
     assert summary["exact_log_likelihood"] == pytest.approx(exact.mean(), rel=1e-6)
     idata = diagnostics.load_netcdf(run_dir / "eval.nc")
-    elbo, iwae = idata.sample_stats["elbo"].values.reshape(-1), idata.log_likelihood["x"].values.reshape(-1)
+    elbo, iwae = idata.vi_evaluation["elbo"].values, idata.vi_evaluation["log_likelihood"].values
     assert summary["elbo"] == pytest.approx(elbo.mean()) and summary["log_likelihood"] == pytest.approx(iwae.mean())
     error, se = mean_and_se(elbo - factor_analysis_elbo(nets, instance.guide, x))
     assert abs(error) <= 5 * se, (error, se)
@@ -296,7 +297,7 @@ def test_cli_reports_a_config_typo_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown model 'ppca' hyperparameter 'z_dmi'; valid") and "z_dim" in err
     missing = tmp_path / "missing.toml"
-    missing.write_text(CONFIG.read_text().replace('module = "examples/ppca.py"', 'module = "examples/nope.py"'))
+    missing.write_text(CONFIG.read_text().replace('[model]\n', '[model]\nmodule = "examples/nope.py"\n', 1))
     assert cli_main(["fit", str(missing), "--run-dir", str(tmp_path / "r2"), "--no-progress"]) == 2
     assert "model module 'examples/nope.py'" in capsys.readouterr().err
 

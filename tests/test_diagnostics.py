@@ -1,4 +1,5 @@
-"""The ArviZ adapter: Pareto k̂, InferenceData building, atomic netCDF round trips, the import boundary."""
+"""The ArviZ adapter: Pareto k̂, InferenceData with ArviZ's conventions, atomic netCDF round trips, the import
+boundary."""
 
 from __future__ import annotations
 
@@ -81,42 +82,79 @@ def test_psis_khat_rejects_bad_input():
 # --- InferenceData ---------------------------------------------------------------------------------------
 
 
-def test_pointwise_inference_data_shapes_and_groups():
+def test_vi_evaluation_is_a_group_arviz_does_not_read_as_draws():
     n = 6
     ll = rng(5).standard_normal(n)
-    idata = diagnostics.pointwise_inference_data(
-        ll, "x", extra={"elbo": ll - 1.0, "pareto_khat": np.zeros(n)}, attrs={"num_samples": 10}
+    idata = diagnostics.build_inference_data(
+        vi_evaluation={"log_likelihood": ll, "elbo": ll - 1.0, "pareto_khat": np.full(n, np.inf)},
+        dims={k: ["datapoint"] for k in ("log_likelihood", "elbo", "pareto_khat")},
+        attrs={"num_samples": 10}, descriptions={"log_likelihood": "IWAE"},
     )
-    assert "log_likelihood" in idata.groups() and "sample_stats" in idata.groups()
-    x = idata.log_likelihood["x"]
-    assert x.dims == ("chain", "draw", "datapoint") and x.shape == (1, 1, n)
-    np.testing.assert_array_equal(x.values[0, 0], ll)
-    np.testing.assert_array_equal(idata.sample_stats["elbo"].values[0, 0], ll - 1.0)
-    assert idata.log_likelihood.attrs["num_samples"] == 10
+    assert idata.groups() == ["vi_evaluation"]
+    x = idata.vi_evaluation["log_likelihood"]
+    assert x.dims == ("datapoint",) and x.attrs["description"] == "IWAE"
+    np.testing.assert_array_equal(x.values, ll)
+    np.testing.assert_array_equal(idata.vi_evaluation["datapoint"].values, np.arange(n))
+    assert idata.vi_evaluation.attrs["num_samples"] == 10
+    with pytest.raises(TypeError, match="log likelihood not found"):
+        diagnostics.loo(idata)  # nothing for az.loo to misread
+    # summary: over the datapoints (kind="stats"), finite values only; k̂ without a finite value is left out
+    table = diagnostics.summary(idata)
+    assert list(table.index) == ["log_likelihood", "elbo"]
+    assert table.loc["elbo", "mean"] == pytest.approx(ll.mean() - 1.0, abs=1e-3)
+    assert table.loc["elbo", "sd"] == pytest.approx(ll.std(ddof=1), rel=0.2) and table.loc["elbo", "n_finite"] == n
+    assert "r_hat" not in table.columns
 
-    draws = diagnostics.pointwise_inference_data(rng(6).standard_normal((4, n)), "obs")
-    assert draws.log_likelihood["obs"].shape == (1, 4, n)
-    chains = diagnostics.pointwise_inference_data(rng(7).standard_normal((2, 4, n)), "obs")
-    assert chains.log_likelihood["obs"].shape == (2, 4, n)
+
+def test_posterior_log_likelihood_and_observed_data_share_the_datapoint_dim_and_loo_works():
+    r = rng(6)
+    n, chains, draws = 8, 2, 50
+    mu = r.normal(size=(chains, draws))
+    x = r.normal(size=(n, 1))
+    log_lik = -0.5 * (x[None, None, :, 0] - mu[..., None]) ** 2 - 0.5 * np.log(2 * np.pi)
+    idata = diagnostics.build_inference_data(
+        posterior={"mu": mu, "locs": r.normal(size=(chains, draws, 3, 1))}, log_likelihood={"x": log_lik},
+        observed_data={"x": x}, dims={"locs": ["component", "data_dim"], "x": ["datapoint", "data_dim"]},
+    )
+    assert idata.posterior["locs"].dims == ("chain", "draw", "component", "data_dim")
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "datapoint")
+    assert idata.observed_data["x"].dims == ("datapoint", "data_dim")
+    result = diagnostics.loo(idata)
+    assert np.isfinite(float(result.elpd_loo)) and result.n_data_points == n
+    assert not diagnostics.summary(idata, var_names=["mu"]).isna().all().all()
 
 
-def test_pointwise_inference_data_errors_name_the_variable():
-    with pytest.raises(ValueError, match=r"extra 'elbo'.*5 datapoints"):
-        diagnostics.pointwise_inference_data(np.zeros(5), "x", extra={"elbo": np.zeros(4)})
-    with pytest.raises(ValueError, match=r"log_likelihood 'x'.*\(n,\)"):
-        diagnostics.pointwise_inference_data(np.zeros((1, 1, 1, 5)), "x")
+def test_build_inference_data_errors_name_the_group_and_variable():
+    with pytest.raises(ValueError, match=r"log_likelihood 'x': pointwise log-likelihoods are of posterior draws"):
+        diagnostics.build_inference_data(log_likelihood={"x": np.zeros((1, 1, 5))})
+    with pytest.raises(ValueError, match=r"log_likelihood 'x': expected shape \(chain, draw, n\) with the posterior"):
+        diagnostics.build_inference_data(posterior={"mu": np.zeros((2, 4))}, log_likelihood={"x": np.zeros((2, 3, 5))})
+    with pytest.raises(ValueError, match=r"vi_evaluation 'elbo': name its 1 dimensions"):
+        diagnostics.build_inference_data(vi_evaluation={"elbo": np.zeros(5)})
+    with pytest.raises(ValueError, match=r"vi_training 'elbo': shape \(2, 4\) needs 2 dimension names"):
+        diagnostics.build_inference_data(vi_training={"elbo": np.zeros((2, 4))}, dims={"elbo": ["step"]})
+    with pytest.raises(ValueError, match=r"observed_data 'x': the first dimension is 'datapoint'"):
+        diagnostics.build_inference_data(observed_data={"x": np.zeros((5, 2))}, dims={"x": ["obs", "d"]})
+    with pytest.raises(ValueError, match=r"log_likelihood 'x': 4 datapoints, the other groups have 5"):
+        diagnostics.build_inference_data(posterior={"mu": np.zeros((1, 3))}, log_likelihood={"x": np.zeros((1, 3, 4))},
+                                         observed_data={"x": np.zeros((5, 2))}, dims={"x": ["datapoint", "d"]})
 
 
 def test_netcdf_round_trip_is_atomic_and_overwrites(tmp_path):
     n = 5
     ll = rng(8).standard_normal(n)
     path = tmp_path / "sub" / "eval.nc"
-    diagnostics.save_netcdf(diagnostics.pointwise_inference_data(ll, "x", extra={"kl": ll**2}), path)
-    diagnostics.save_netcdf(diagnostics.pointwise_inference_data(ll + 1, "x", extra={"kl": ll**2}), path)
+
+    def evaluation(values):
+        return diagnostics.build_inference_data(vi_evaluation={"log_likelihood": values, "kl": ll**2},
+                                                dims={"log_likelihood": ["datapoint"], "kl": ["datapoint"]})
+
+    diagnostics.save_netcdf(evaluation(ll), path)
+    diagnostics.save_netcdf(evaluation(ll + 1), path)
     assert sorted(os.listdir(path.parent)) == ["eval.nc"]  # no temporary file left behind
     loaded = diagnostics.load_netcdf(path)
-    np.testing.assert_array_equal(loaded.log_likelihood["x"].values[0, 0], ll + 1)
-    np.testing.assert_array_equal(loaded.sample_stats["kl"].values[0, 0], ll**2)
+    np.testing.assert_array_equal(loaded.vi_evaluation["log_likelihood"].values, ll + 1)
+    np.testing.assert_array_equal(loaded.vi_evaluation["kl"].values, ll**2)
     with pytest.raises(FileNotFoundError, match="missing.nc"):
         diagnostics.load_netcdf(tmp_path / "missing.nc")
 

@@ -27,8 +27,9 @@ def per_image(run_dir: Path) -> dict:
 
     idata = diagnostics.load_netcdf(run_dir / "eval.nc")
     observed = json.loads((run_dir / "metrics.json").read_text())["observed"]
-    return {"elbo": idata.sample_stats["elbo"].values.reshape(-1),
-            "log_likelihood": idata.log_likelihood[observed].values.reshape(-1)}
+    assert idata.vi_evaluation.attrs["observed"] == observed
+    return {"elbo": idata.vi_evaluation["elbo"].values.reshape(-1),
+            "log_likelihood": idata.vi_evaluation["log_likelihood"].values.reshape(-1)}
 
 
 def paired_mean_and_se(a, b):

@@ -7,7 +7,7 @@
 ``ppl-models evaluate RUN_DIR [--num-samples K] [--checkpoint PATH]``
     evaluate the newest checkpoint of a run (or the one named: a damaged newest checkpoint is refused);
 ``ppl-models list``
-    the registered models, guides, data sets, ELBOs and optimizers;
+    the registered models, guides, data sets, strategies, objectives and estimators, and optimizers;
 ``ppl-models compare CONFIG.toml [-o SECTION.KEY=VALUE ...] [--run-dir DIR]``
     compare gradient estimators (:mod:`ppl_models.compare`): tables, netCDF and plots in the run directory;
 ``ppl-models align RUN_DIR SRC_FILE TGT_FILE [-o OUT] [--links M] [--threshold P] [--reverse RUN_DIR] [--gold FILE]``
@@ -24,17 +24,18 @@ the signal number.  Run directories are guarded (:mod:`ppl_models.app.rundir`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from ppl_models.runtime import DEVICE_HELP, configure_threads, in_torchrun
+from ppl_models.runtime import DEVICE_HELP, in_torchrun
 
-# Nothing above imports torch or Pyro: ``--help`` and argument errors answer at once, and the threading policy
-# (ppl_models.runtime) is set before torch starts OpenMP.  Each command imports what it needs.
+# Nothing above imports torch or Pyro: ``--help`` and argument errors answer at once.  Each command imports
+# what it needs.
 
-__all__ = ["main", "build_parser", "user_errors"]
+__all__ = ["main", "build_parser", "report_errors", "user_errors"]
 
 
 def user_errors() -> tuple:
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. -o train.lr=3e-4 (repeatable; the value is read as TOML)")
     fit.add_argument("--run-dir", help="run directory (default: [output].run_dir)")
     fit.add_argument("--resume", action="store_true",
-                     help="continue from the newest readable checkpoint of the run directory (refused when there is "
-                          "none, or when the configuration differs from the run's)")
+                     help="continue from the newest readable checkpoint of the run directory, training what the run "
+                          "trains (its config.toml, the overrides it was started with included) with the budgets of "
+                          "CONFIG; -o may change budgets, display or hardware settings; a change to what is trained "
+                          "is refused, naming the key and both values")
     fit.add_argument("--num-epochs", type=int, help="shorthand for -o train.num_epochs=N")
     fit.add_argument("--seed", type=int, help="shorthand for -o train.seed=N")
     fit.add_argument("--num-samples", type=int, help="importance samples K for the evaluation")
@@ -144,13 +147,17 @@ def run(args) -> int:
 
     if args.command == "list":
         from ppl_models import registry
-        from ppl_models.app.experiment import DATASETS
+        from ppl_models.data import DATASETS
         from ppl_models.infer import ESTIMATOR_NAMES, OPTIMIZER_NAMES
+        from ppl_models.infer.objectives import GRADIENT_ESTIMATORS
+        from ppl_models.infer.strategies import STRATEGIES
 
         for name in registry.model_names():
             print(f"model {name}: guides {', '.join(registry.guide_names(name))}")
         print("data sets:", ", ".join(sorted(DATASETS)))
+        print("strategies ([train] strategy):", ", ".join(STRATEGIES))
         print("objectives and estimators ([train] elbo, [compare] estimators):", ", ".join(ESTIMATOR_NAMES))
+        print("gradient estimators ([compare] estimators by default):", ", ".join(GRADIENT_ESTIMATORS))
         print("optimizers:", ", ".join(OPTIMIZER_NAMES))
         return 0
     if args.command == "align":
@@ -171,8 +178,9 @@ def run(args) -> int:
     if args.command == "fit":
         if args.nproc is not None and args.nproc < 1:
             raise ValueError(f"--nproc: expected a positive integer, received {args.nproc}")
-        experiment = Experiment.from_file(args.config, _overrides(args), run_dir=args.run_dir)
+        experiment = Experiment.from_file(args.config, _overrides(args), run_dir=args.run_dir, resume=args.resume)
         if args.nproc is not None and args.nproc > 1 and not in_torchrun():
+            experiment.check_parallel()  # one error here, not one per process
             return _launch_fit(args, experiment)
         result, metrics = experiment.fit(resume=args.resume, evaluate=not args.no_evaluate, num_samples=args.num_samples)
         if in_torchrun() and os.environ.get("RANK", "0") != "0":
@@ -264,23 +272,46 @@ def _strip_nproc(argv: List[str]) -> List[str]:
     return out
 
 
+def report_errors(fn: Callable[..., object]) -> Callable[..., int]:
+    """``fn`` (a command: ``ppl-models``' own, or an example script's ``main``) as an entry point returning an exit
+    status, with the command line's error handling: an input error of the package (:func:`user_errors`) prints one
+    line ``error: ...`` on stderr and returns 2; SIGINT/SIGTERM during training (the engine's checkpoint is written)
+    print where it stopped and return 128 + the signal number; a successful ``fn`` returns its own status (an
+    ``int``) or 0.  Anything else (a bug) propagates with its traceback.  An example script ends with
+    ``sys.exit(report_errors(main)(parser.parse_args()))``."""
+
+    @functools.wraps(fn)
+    def entry_point(*args, **kwargs) -> int:
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as exc:
+            if not isinstance(exc, user_errors()):
+                raise
+            message = str(exc).split("\nTrace Shapes:")[0]  # Pyro appends its table of site shapes to model errors
+            print(f"{_where()}error: {' '.join(message.split())}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            from ppl_models.infer import TrainingInterrupted
+
+            if not isinstance(exc, TrainingInterrupted):
+                raise
+            print(f"{_where()}stopped: {exc}. Continue with --resume.", file=sys.stderr)
+            return 128 + exc.signum
+        return out if isinstance(out, int) and not isinstance(out, bool) else 0
+
+    return entry_point
+
+
+def _where() -> str:
+    """``"[rank R] "`` in a process of a data-parallel job of several processes, else ``""``."""
+    return f"[rank {os.environ['RANK']}] " if in_torchrun() and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    configure_threads()
-    from ppl_models.infer import TrainingInterrupted
-
-    where = f"[rank {os.environ['RANK']}] " if in_torchrun() and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    try:
-        return run(args)
-    except TrainingInterrupted as exc:
-        print(f"{where}stopped: {exc}. Continue with --resume.", file=sys.stderr)
-        return 128 + exc.signum
-    except user_errors() as exc:
-        message = str(exc).split("\nTrace Shapes:")[0]  # Pyro appends its table of site shapes to errors in a model
-        print(f"{where}error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
+    return report_errors(run)(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -86,7 +86,7 @@ class GuideConfig:
 
 @dataclass
 class DataConfig:
-    """``name`` picks the loader (:data:`ppl_models.app.experiment.DATASETS`); the other keys are the
+    """``name`` picks the loader (:data:`ppl_models.data.DATASETS`); the other keys are the
     loader's keyword arguments, plus ``limit_train`` / ``limit_valid`` / ``limit_test`` (use only the
     first rows of a split, for smoke tests)."""
 
@@ -133,6 +133,8 @@ class TrainConfig:
     # "auto" (the fast path wherever it applies, compiled when the run repays it), false, true/"eager" or "compile":
     # the captured ELBO (ppl_models.infer.fastpath); the run records which path ran (train.json)
     fast_path: object = "auto"
+    # "auto" (one thread or all, whichever trains faster now: ppl_models.infer.threads) or a fixed number
+    threads: object = "auto"
 
     def __post_init__(self):
         # A strategy's names are checked when the file is read, before a run directory is written.
@@ -140,6 +142,7 @@ class TrainConfig:
         from ppl_models.infer.objectives import estimator_spec
         from ppl_models.infer.schedules import make_lr_schedule
         from ppl_models.infer.strategies import INNER_OPTIMIZERS, REFINE_GRADS, STRATEGIES
+        from ppl_models.infer.threads import check_threads
 
         try:  # one vocabulary with [compare] estimators: Pyro's ELBOs, IWAE and the package's estimators
             estimator_spec(self.elbo)
@@ -152,6 +155,7 @@ class TrainConfig:
                 raise ConfigError(f"[train] {UnknownNameError(key.replace('_', ' '), value, valid)}")
         try:
             fast_path_mode(self.fast_path)
+            check_threads(self.threads)
             make_lr_schedule(self.lr_schedule, warmup=self.warmup, lr=self.lr, lr_final=self.lr_final)
         except (ValueError, UnknownNameError) as exc:
             raise ConfigError(f"[train] {exc}") from None
@@ -369,23 +373,9 @@ def parse_override(text: str) -> tuple:
     return key.strip(), parsed
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def to_toml(config: Config) -> str:
-    """The resolved configuration as TOML (``None`` values are omitted)."""
-    lines = []
-    for section, table in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved configuration as TOML (``tomli_w``; ``None`` values, unset options, are omitted)."""
+    import tomli_w
+
+    tables = {section: {k: v for k, v in table.items() if v is not None} for section, table in config.to_dict().items()}
+    return tomli_w.dumps(tables)

@@ -8,47 +8,46 @@ example scripts.  A run directory holds::
     history.json       ELBO per epoch and running means (and the learning rate)
     train.json         steps, seconds of set-up / compile / training / validation, the path the steps took
     metrics.json       evaluation: test log-likelihood (IWAE-K), ELBO, KL, Pareto k-hat
-    eval.nc            ArviZ InferenceData with the pointwise log-likelihood
+    eval.nc            ArviZ InferenceData: per-datapoint IWAE estimate, ELBO, KL, k̂ (group vi_evaluation)
     elbo.png, prior_samples.png, reconstructions.png
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import pyro
 import torch
 
 from ppl_models import registry
-from ppl_models.app.config import Config, ConfigError, load_config, to_toml
-from ppl_models.data import mnist_splits
-from ppl_models.data.parallel import multi30k_splits, parallel_splits, synthetic_splits
-from ppl_models.data.quadrants import quadrant_splits
-from ppl_models.app.rundir import RunDir, identity
+from ppl_models.app.config import Config, ConfigError, load_config, read_toml, to_toml
+from ppl_models.data import dataset_loader
+from ppl_models.app.rundir import IDENTITY_SECTIONS, NOT_IDENTITY, RunDir, identity
 from ppl_models.infer import Trainer
 from ppl_models.infer.checkpoint import CheckpointError, missing_checkpoint_reason
-from ppl_models.infer.strategies import guide_for_strategy, inference_guide, inner_loop, make_strategy
+from ppl_models.infer.strategies import (
+    INNER_LOOP_STRATEGIES,
+    guide_for_strategy,
+    inference_guide,
+    inner_loop,
+    make_strategy,
+    step_rule,
+)
 from ppl_models.registry import UnknownNameError
 
-__all__ = ["DATASETS", "Experiment", "register_dataset", "task_module"]
-
-#: Data loaders by name: ``loader(**options) -> {"train": Dataset, "valid": Dataset, "test": Dataset}``.
-DATASETS: Dict[str, Callable[..., dict]] = {"mnist": mnist_splits, "mnist-quadrants": quadrant_splits}
-
-DATASETS.update({"multi30k": multi30k_splits, "parallel": parallel_splits, "synthetic-alignment": synthetic_splits})
+__all__ = ["Experiment", "NothingTrainedError", "task_module"]
 
 _LIMITS = ("limit_train", "limit_valid", "limit_test")
-
-
-def register_dataset(name: str, loader: Callable[..., dict]) -> None:
-    DATASETS[name] = loader
 
 
 def task_module(model_name: str) -> Optional[ModuleType]:
@@ -67,6 +66,29 @@ def task_module(model_name: str) -> Optional[ModuleType]:
         raise
 
 
+@contextlib.contextmanager
+def slow_phase(what: str, after: float = 5.0):
+    """A phase without a progress bar of its own: if it still runs after ``after`` seconds, say ``what ...`` on
+    stderr, and at its end how long it took (a quick phase prints nothing)."""
+    from tqdm.auto import tqdm
+
+    start, said = time.perf_counter(), threading.Event()
+
+    def say():
+        said.set()
+        tqdm.write(f"{what} ...", file=sys.stderr)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if said.is_set():
+            tqdm.write(f"{what}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
 def _task_function(model_name: str, function: str) -> Optional[Callable]:
     return getattr(task_module(model_name), function, None)
 
@@ -75,6 +97,28 @@ def _data_model_kwargs(splits: dict) -> dict:
     """Model hyperparameters a training set fixes (e.g. vocabulary sizes), from its ``model_kwargs`` attribute."""
     train = splits["train"]
     return dict(getattr(getattr(train, "base", train), "model_kwargs", {}) or {})
+
+
+def _resume_config(path, saved, overrides: dict) -> Config:
+    """``fit --resume``'s configuration (:meth:`Experiment.from_file`): the identity of the run that ``saved`` (its
+    ``config.toml``) records, the rest from the file ``path``, then ``overrides``."""
+    given, ran = load_config(path).to_dict(), load_config(saved).to_dict()
+    explicit, unused = read_toml(path), []
+    for section in IDENTITY_SECTIONS:
+        defining = {k: v for k, v in ran[section].items() if section != "train" or k not in NOT_IDENTITY}
+        for key in explicit.get(section, {}):
+            if key in defining and f"{section}.{key}" not in overrides and given[section][key] != defining[key]:
+                unused.append(f"{section}.{key} = {given[section][key]!r} (the run: {defining[key]!r})")
+        given[section] = {**given[section], **defining} if section == "train" else defining
+    if unused and os.environ.get("RANK", "0") == "0":
+        print(f"note: resuming the run recorded in {saved}; not used from {path}: " + "; ".join(unused),
+              file=sys.stderr)
+    config = Config.from_dict(given, source=f"{saved} (resumed with {path})")
+    return config.with_overrides(overrides) if overrides else config
+
+
+class NothingTrainedError(ValueError):
+    """A fit that trained no step (its budget was spent before the first): nothing is evaluated."""
 
 
 class Head:
@@ -97,9 +141,22 @@ class Experiment:
     run_dir: Path
 
     @classmethod
-    def from_file(cls, path, overrides=None, run_dir=None) -> "Experiment":
+    def from_file(cls, path, overrides=None, run_dir=None, resume: bool = False) -> "Experiment":
+        """The experiment of the TOML file ``path`` with dotted-key ``overrides``, in ``run_dir`` (default: the
+        file's ``[output].run_dir``).
+
+        With ``resume`` (``fit --resume``), what the run trains (its identity, :func:`~ppl_models.app.rundir.identity`:
+        ``[model]``, ``[guide]``, ``[data]`` and the ``[train]`` settings that are not budgets, display, validation
+        or hardware) comes from the run directory's own ``config.toml``, overrides it was started with included, so
+        they need not be repeated; budgets and the other sections come from ``path``.  ``overrides`` apply on top;
+        one that changes the run's identity makes :meth:`fit` refuse, naming each key and both values.  The file's
+        own settings of the identity that differ from the run's are named in a note (they are not used)."""
         config = load_config(path, overrides)
-        return cls(config, Path(run_dir or config.output.run_dir))
+        run_dir = Path(run_dir or config.output.run_dir)
+        saved = run_dir / "config.toml"
+        if resume and RunDir(run_dir).is_run() and saved.is_file():
+            config = _resume_config(path, saved, dict(overrides or {}))
+        return cls(config, run_dir)
 
     @classmethod
     def from_run_dir(cls, run_dir, overrides=None) -> "Experiment":
@@ -125,11 +182,10 @@ class Experiment:
         options = dict(self.config.data.hparams)
         limits = {k: options.pop(k) for k in _LIMITS if k in options}
         name = self.config.data.name
-        if name not in DATASETS:
-            raise UnknownNameError("data set", name, DATASETS)
-        loader = DATASETS[name]
+        loader = dataset_loader(name)  # the data layer's table (ppl_models.data.DATASETS)
         registry.check_kwargs(f"data {name!r}", loader, options)
-        splits = loader(**options)
+        with slow_phase(f"loading data set {name!r}"):
+            splits = loader(**options)
         for key, n in limits.items():
             split = key.split("_", 1)[1]
             if splits.get(split) is not None:
@@ -176,13 +232,23 @@ class Experiment:
             guide_kwargs=self.config.guide.hparams,
         )
         if t.strategy is not None:
-            instance.guide, instance.step = make_strategy(
+            instance.guide, step = make_strategy(
                 t.strategy, instance.model, instance.guide, instance.spec, dict(instance.modules),
                 num_steps=t.inner_steps, lr=t.inner_lr, refine_grad=t.refine_grad, optimizer=t.inner_optimizer,
                 lr_decay=t.inner_lr_decay, local_lr=t.local_lr,
             )
+            instance.step = step_rule(instance.guide, step)  # svi-inner's inner loop too: no fast path, one process
             instance.guide_name = f"{t.strategy} ({guide_name})" if guide_name else t.strategy
         return instance
+
+    def check_parallel(self) -> None:
+        """Before a data-parallel job (``--nproc``, torchrun, a GPU) starts: a strategy whose step optimizes λ inside
+        it (:data:`~ppl_models.infer.strategies.INNER_LOOP_STRATEGIES`) cannot run there, one :class:`ConfigError`."""
+        strategy = self.config.train.strategy
+        if strategy in INNER_LOOP_STRATEGIES:
+            raise ConfigError(f"[train] strategy {strategy!r} cannot run in several processes or on a GPU yet (its "
+                              "step optimizes λ in an inner loop); use the strategies svi-local or amortized, or one "
+                              "CPU process")
 
     def is_per_datapoint(self, instance: registry.Instance) -> bool:
         """Whether the guide holds parameters per training datapoint (it cannot score new data)."""
@@ -216,6 +282,7 @@ class Experiment:
             early_stopping=t.early_stopping,
             valid_loss=None if validation_loss is None or valid is None else validation_loss(instance),
             fast_path=t.fast_path,
+            threads=t.threads,
             seed=t.seed,
             run_dir=self.run_dir,
             keep_last=t.keep_last,
@@ -247,6 +314,8 @@ class Experiment:
         parallel = in_torchrun() or device != "cpu"
         self.resolve_model_hooks()
         self.evaluate_options(num_samples)  # checked before anything is written or trained
+        if parallel:
+            self.check_parallel()
         main = not in_torchrun() or os.environ.get("RANK", "0") == "0"  # rank 0 writes the run directory
         run, ident = RunDir(self.run_dir), identity(self.config)
         try:
@@ -287,6 +356,13 @@ class Experiment:
                 if write_run_files is not None:  # e.g. the vocabularies, for ppl-models align
                     write_run_files(self.run_dir, splits)
             result = trainer.fit(resume=resume)
+            if result.step == 0:  # nothing to evaluate: an untrained model's metrics.json would look like a result
+                limit = self.config.train.time_limit
+                budget = f"time_limit {limit:g} s" if limit is not None else "the budget"
+                raise NothingTrainedError(
+                    f"{self.run_dir}: trained 0 steps ({budget} spent before the first step; set-up "
+                    f"{result.setup_seconds:.1f} s): nothing was evaluated and no metrics.json written; raise "
+                    "[train] time_limit or max_steps and fit again")
             if main and self.config.output.plots:
                 from ppl_models.tasks.plots import plot_elbo_curves
 

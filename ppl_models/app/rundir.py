@@ -61,7 +61,7 @@ IDENTITY_SECTIONS = ("model", "guide", "data", "train")
 
 #: ``[train]`` settings a run may change between ``fit`` and ``--resume``: budgets, display, validation, hardware.
 NOT_IDENTITY = ("num_epochs", "max_steps", "time_limit", "keep_last", "progress", "validate", "valid_subset",
-                "valid_every", "device", "fast_path")
+                "valid_every", "device", "fast_path", "threads")
 
 _TMP = re.compile(r"^\..+\.tmp-\d+$")  # ppl_models.atomic's temporary names
 

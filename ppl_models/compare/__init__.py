@@ -15,7 +15,10 @@ One module per job:
 * :mod:`~ppl_models.compare.training` — training with an estimator, the common ELBO curve
   (:func:`train_estimator`);
 * :mod:`~ppl_models.compare.references` — pointwise log-likelihoods and k̂ of the final q, NUTS runs, ArviZ
-  InferenceData with the seeds as chains;
+  InferenceData (posterior draws with their ``log_likelihood`` where there are draws, ``vi_evaluation`` where
+  there are per-datapoint estimates only);
+* :mod:`~ppl_models.compare.outputs` — the run directory's ``manifest.json``: a reused directory keeps nothing of
+  the previous comparison;
 * :mod:`~ppl_models.compare.report` — tables: CSV, markdown, JSON;
 * :mod:`~ppl_models.compare.plots` — the figures;
 * :mod:`~ppl_models.compare.run` — the whole comparison (:func:`run_comparison`).

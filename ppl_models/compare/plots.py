@@ -31,6 +31,12 @@ def _plt():
     return plt, save_figure
 
 
+def _note(ax, text: str) -> None:
+    from ppl_models.tasks.plots import note_in_panel
+
+    note_in_panel(ax, text)
+
+
 def plot_gradient_variance(grad_rows: List[dict], path: Path) -> Path:
     """Mean variance per guide parameter element of each estimator, one panel per problem, log scale."""
     plt, save_figure = _plt()
@@ -85,7 +91,9 @@ def plot_elbo_bands(train_results: dict, path: Path) -> Path:
 
 
 def plot_khat_hist(train_results: dict, path: Path) -> Optional[Path]:
-    """Per-datapoint PSIS k̂ of the final q (all seeds), per problem with local latents, per estimator."""
+    """Per-datapoint PSIS k̂ of the final q (all seeds), per problem with local latents, per estimator; an
+    estimator without a finite k̂ is named in the panel's note (PSIS found no tail to fit: too few importance
+    samples, or weights all equal)."""
     plt, save_figure = _plt()
     problems = [p for p, res in train_results.items()
                 if any(not isinstance(v, str) and "khat" in v[0] for v in res.values())]
@@ -93,19 +101,34 @@ def plot_khat_hist(train_results: dict, path: Path) -> Optional[Path]:
         return None
     fig, axes = plt.subplots(1, len(problems), figsize=(4.4 * len(problems), 3.6), squeeze=False)
     for ax, problem in zip(axes[0], problems):
+        missing = []
         for name, seeds_out in train_results[problem].items():
             if isinstance(seeds_out, str):
                 continue
             k = np.concatenate([o["khat"] for o in seeds_out])
-            k = k[np.isfinite(k)]
-            if k.size:
-                ax.hist(np.clip(k, -0.5, 2.0), bins=40, range=(-0.5, 2.0), histtype="step", label=name)
+            finite = k[np.isfinite(k)]
+            if finite.size:
+                ax.hist(np.clip(finite, -0.5, 2.0), bins=40, range=(-0.5, 2.0), histtype="step", label=name)
+            if finite.size < k.size:
+                missing.append(f"{name}: {k.size - finite.size} of {k.size}")
         for v, style in ((diagnostics.KHAT_GOOD, ":"), (diagnostics.KHAT_BAD, "--")):
             ax.axvline(v, color="k", ls=style, lw=0.8)
+        ax.set_xlim(-0.5, 2.0)
+        if missing:
+            text = "\n".join(["k̂ undetermined (no tail to fit: too few", "importance samples, or equal weights):",
+                              *missing])
+            if ax.get_legend_handles_labels()[0]:
+                ax.text(0.98, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=6,
+                        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"})
+            else:
+                _note(ax, "no finite k̂ to show\n" + text)
         ax.set_title(f"{problem}: PSIS k̂ per datapoint", fontsize=9)
-        ax.set_xlabel("k̂ (clipped to [-0.5, 2])")
+        ax.set_xlabel("k̂ (clipped to [-0.5, 2]; dotted 0.5, dashed 0.7)")
+        ax.set_ylabel("datapoints (all seeds)")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="upper left")
+        else:
+            ax.set_yticks([])
     return save_figure(fig, path)
 
 
@@ -119,16 +142,24 @@ def plot_vi_vs_nuts(train_results: dict, nuts_refs: dict, path: Path) -> Path:
         if key == "bayesian-gmm":
             ordered, _ = nuts_refs[key]
             locs = ordered["locs"].reshape(-1, ordered["locs"].shape[-1])
+            if locs.shape[-1] < 2:
+                _note(ax, "one data dimension: no 2-D scatter of the locations")
+                continue
             ax.scatter(locs[:, 0], locs[:, 1], s=4, c="k", alpha=0.3, label="NUTS")
             for name, seeds_out in train_results.get("bayesian-gmm", {}).items():
                 if isinstance(seeds_out, str):
                     continue
-                q = seeds_out[0]["draws"]["locs"].reshape(-1, locs.shape[-1])
+                q = seeds_out[0]["q_draws"]["locs"].reshape(-1, locs.shape[-1])  # q's own draws
                 ax.scatter(q[:, 0], q[:, 1], s=3, alpha=0.3, label=f"VI {name}")
-            ax.set_title("Bayesian GMM: component locations", fontsize=9)
+            ax.set_title("Bayesian GMM: component locations μ_k (all k, every draw)", fontsize=9)
+            ax.set_xlabel("μ_k, data dimension 1")
+            ax.set_ylabel("μ_k, data dimension 2")
         else:
             ref = nuts_refs[key]
             zn, zv = ref["z_nuts"][:, 0], ref["z_vi"][:, 0]
+            if zn.shape[-1] < 2:
+                _note(ax, "z_dim = 1: no 2-D scatter of z")
+                continue
             ax.scatter(zn[:, 0], zn[:, 1], s=4, c="k", alpha=0.3, label="NUTS")
             ax.scatter(zv[:, 0], zv[:, 1], s=4, alpha=0.3, label="VI (reparameterized, mean-field)")
             theta = np.linspace(0, 2 * np.pi, 200)
@@ -136,7 +167,9 @@ def plot_vi_vs_nuts(train_results: dict, nuts_refs: dict, path: Path) -> Path:
             for r in (1, 2):
                 e = ref["exact_loc"][0][:, None] + r * ref["exact_tril"][:2, :2] @ circle
                 ax.plot(e[0], e[1], "r-", lw=0.8, label="exact posterior (1, 2 sd)" if r == 1 else None)
-            ax.set_title("linear-Gaussian: z of datapoint 0", fontsize=9)
+            ax.set_title("linear-Gaussian: posterior of z of datapoint 0", fontsize=9)
+            ax.set_xlabel("z, dimension 1")
+            ax.set_ylabel("z, dimension 2")
         ax.legend(fontsize=6, markerscale=3)
         ax.grid(alpha=0.3)
     return save_figure(fig, path)

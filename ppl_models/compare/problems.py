@@ -114,6 +114,11 @@ class Problem:
     info: dict = field(default_factory=dict)
 
 
+#: Keywords of every call on a batch with its indices: the batch's own ELBO, not scaled by N / |idx| (the bound model
+#: and guide of :func:`ppl_models.registry.instantiate` scale a batch given with ``idx`` by default).
+UNSCALED = {"num_data": None}
+
+
 def _guide_module_names(instance) -> tuple:
     keywords = getattr(instance.guide, "keywords", {}) or {}
     return tuple(k for k, v in keywords.items() if isinstance(v, nn.Module))
@@ -210,7 +215,7 @@ def build_problem(name: str, config: CompareConfig, seed: int) -> Problem:
         def exact(args, kwargs):
             return enumerated_exact_elbo(inst.model, inst.guide, args, kwargs, 1)
 
-        return Problem(name, inst, TensorDataset(x), (x[idx], idx), {}, (x[ev], ev), exact, _guide_module_names(inst),
+        return Problem(name, inst, TensorDataset(x), (x[idx], idx), UNSCALED, (x[ev], ev), exact, _guide_module_names(inst),
                        lr=0.05, info={"num_data": cfg.num_data, "K": cfg.num_components})
     if name == "linear-gaussian":
         from ppl_models import linear_gaussian as lg
@@ -230,7 +235,7 @@ def build_problem(name: str, config: CompareConfig, seed: int) -> Problem:
         def exact(args, kwargs):
             return linear_gaussian_exact_elbo(params, inst.guide, args[0], args[1])
 
-        return Problem(name, inst, TensorDataset(x), (x[idx], idx), {}, (x[ev], ev), exact, _guide_module_names(inst),
+        return Problem(name, inst, TensorDataset(x), (x[idx], idx), UNSCALED, (x[ev], ev), exact, _guide_module_names(inst),
                        lr=0.02, info={"num_data": cfg.num_data})
     cfg = config.bayesian_gmm  # bayesian-gmm
     x = bayesian_gmm_data(cfg, data_seed)
@@ -256,7 +261,7 @@ def _experiment_problem(config: CompareConfig, seed: int) -> Problem:
     (x,) = data
     idx = torch.arange(min(config.gradients.batch_size, N))
     ev = torch.arange(min(config.training.eval_size, N))
-    return Problem("experiment", instance, TensorDataset(x), (x[idx], idx), {}, (x[ev], ev), None,
+    return Problem("experiment", instance, TensorDataset(x), (x[idx], idx), UNSCALED, (x[ev], ev), None,
                    _guide_module_names(instance),
                    info={"config": str(path), "model": instance.model_name, "guide": instance.guide_name,
                          "num_data": N})

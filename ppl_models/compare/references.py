@@ -16,9 +16,14 @@ Mixture components are exchangeable; draws are put in a canonical order (:func:`
 coordinate of the locations) before any summary, so R-hat measures disagreement between seeds, not label
 switching.
 
-:func:`inference_data`: one InferenceData per problem and estimator with the seeds as chains — ``posterior``
-(draws of the global latents from each seed's guide, Bayesian GMM), ``sample_stats`` (``elbo``: the training
-curve; ``pareto_khat`` per datapoint), ``log_likelihood`` (pointwise, from importance sampling).
+:func:`inference_data`: one InferenceData per problem and estimator.  With global latents (Bayesian GMM) the
+seeds are the chains of a ``posterior`` (each seed's resampled draws of q, ``component`` and ``data_dim``
+dimensions) with the pointwise ``log_likelihood`` of those draws and ``observed_data`` (``az.loo`` reads them).
+With local latents there are no posterior draws to store: the IWAE estimate and k̂ per ``seed`` and ``datapoint``
+go to the ``vi_evaluation`` group, which ArviZ's statistics do not read.  Both have the ELBO curves per ``seed``
+and ``step`` in ``vi_training``.  The NUTS references (:func:`nuts_inference_data`) name every dimension after the
+model's sizes (``component``, ``data_dim``, ``z_dim``, ``x_dim``) and share ``datapoint`` between
+``observed_data`` and ``log_likelihood``.
 
 References:
     Yao, Vehtari, Simpson & Gelman (2018), Yes, but Did It Work?: Evaluating Variational Inference.
@@ -50,8 +55,17 @@ __all__ = [
     "run_nuts_bayesian_gmm",
     "run_nuts_linear_gaussian",
     "linear_gaussian_reference",
+    "pointwise_log_lik",
     "inference_data",
+    "nuts_inference_data",
 ]
+
+#: Dimension names of the sites of the models with a NUTS reference (after ``chain``, ``draw``).
+SITE_DIMS = {
+    "bayesian-gmm": {"weights": ["component"], "locs": ["component", "data_dim"],
+                     "scales": ["component", "data_dim"], "x": [diagnostics.DATAPOINT_DIM, "data_dim"]},
+    "linear-gaussian": {"z": [diagnostics.DATAPOINT_DIM, "z_dim"], "x": [diagnostics.DATAPOINT_DIM, "x_dim"]},
+}
 
 
 def local_pointwise(problem: Problem, num_samples: int, seed: int):
@@ -104,9 +118,14 @@ def _bayes_log_prior(prior, weights, locs, scales) -> torch.Tensor:
 
 @torch.no_grad()
 def bayesian_gmm_q_draws(problem: Problem, num_draws: int, seed: int):
-    """Draws :math:`\\theta_s \\sim q` of the global latents, their log importance weights
-    :math:`\\log p(x, \\theta_s) - \\log q(\\theta_s)`, the global PSIS k̂ and, by sampling-importance-resampling
-    with the smoothed weights, the pointwise log-likelihood ``(num_draws, n)`` (see the module docstring)."""
+    """Draws :math:`\\theta_s \\sim q` of the global latents and, by sampling-importance-resampling with their
+    Pareto-smoothed weights :math:`p(x, \\theta_s)/q(\\theta_s)`, approximate posterior draws and their pointwise
+    log-likelihood (see the module docstring).
+
+    :return: a dict: ``q_draws`` (q's own draws), ``draws`` (the resampled ones) — each ``weights`` ``(S, K)``,
+        ``locs`` and ``scales`` ``(S, K, D)`` — ``log_lik`` ``(S, n)`` of the resampled draws, ``global_khat``
+        (PSIS k̂ of the weights) and ``log_weights`` ``(S,)``, with ``S = num_draws``.
+    """
     x = problem.eval_args[0]
     prior = problem.instance.modules["prior"]
     draws = {"weights": [], "locs": [], "scales": []}
@@ -126,7 +145,8 @@ def bayesian_gmm_q_draws(problem: Problem, num_draws: int, seed: int):
         smoothed = np.exp(smoothed_lw - smoothed_lw.max())
         gen = torch.Generator().manual_seed(seed)
         pick = torch.multinomial(torch.as_tensor(smoothed), num_draws, replacement=True, generator=gen)
-    return {k: v.numpy() for k, v in d.items()}, log_lik[pick].double().numpy(), khat, lw_np
+    return {"q_draws": {k: v.numpy() for k, v in d.items()}, "draws": {k: v[pick].numpy() for k, v in d.items()},
+            "log_lik": log_lik[pick].double().numpy(), "global_khat": khat, "log_weights": lw_np}
 
 
 def run_nuts_bayesian_gmm(problem: Problem, num_warmup: int, num_samples: int, seed: int, max_tree_depth: int = 10):
@@ -202,29 +222,65 @@ def linear_gaussian_reference(problem: Problem, z_nuts: np.ndarray, wall: float,
             "wall_s": wall}
 
 
-def inference_data(problem_name: str, name: str, seeds_out: list):
-    """One InferenceData of estimator ``name`` on a problem, the seeds as chains (see the module docstring).
+@torch.no_grad()
+def pointwise_log_lik(model, samples: Dict[str, torch.Tensor], args: tuple, observed: str = "x",
+                      max_plate_nesting: int = 1) -> np.ndarray:
+    r""":math:`\log p(x_i \mid \theta_s)` of every draw ``s`` and datapoint ``i``: the model traced once with its
+    latents conditioned on all the draws (a ``draws`` plate left of the model's plates), the observed site's
+    ``log_prob``.
+
+    :param samples: draws per latent site, each of shape ``(S,) + site shape`` (e.g. ``z``: ``(S, n, z_dim)``).
+    :param args: the model's arguments (the data).
+    :param max_plate_nesting: the model's plates (the ``draws`` plate goes left of them).
+    :return: ``(S, n)``, float64.
+    """
+    S = next(iter(samples.values())).shape[0]
+    with poutine.block(), pyro.plate("draws", S, dim=-(max_plate_nesting + 1)):
+        tr = poutine.trace(poutine.condition(model, data=samples)).get_trace(*args)
+    site = tr.nodes[observed]
+    return site["fn"].log_prob(site["value"]).double().numpy()
+
+
+def inference_data(problem_name: str, name: str, seeds_out: list, observed: Dict[str, np.ndarray] | None = None):
+    """One InferenceData of estimator ``name`` on a problem (see the module docstring).
 
     :param seeds_out: per seed a dict with ``train`` (a :class:`~ppl_models.compare.training.TrainResult`),
         ``log_lik`` (``(n,)`` local latents, ``(S, n)`` global ones) and ``khat`` ``(n,)`` (local latents) or
-        ``draws`` (``weights`` ``(S, K)``, ``locs`` and ``scales`` ``(S, K, D)``) and ``global_khat`` (global ones).
+        ``draws`` (``weights`` ``(S, K)``, ``locs`` and ``scales`` ``(S, K, D)``: the resampled draws whose
+        pointwise log-likelihood ``log_lik`` is) and ``global_khat`` (global ones).
+    :param observed: the data whose pointwise log-likelihood ``log_lik`` is, ``{"x": (n, D)}`` (global latents).
     """
-    steps = np.asarray(seeds_out[0]["train"].steps)
-    elbo = np.stack([np.asarray(o["train"].elbo) for o in seeds_out])[:, None, :]  # (seeds, 1, evals)
-    sample_stats = {"elbo": elbo}
-    dims = {"elbo": ["step"], "x": ["datapoint"]}
-    coords = {"step": steps}
-    posterior = None
+    seeds = np.asarray([o["train"].seed for o in seeds_out])
+    vi_training = {"elbo": np.stack([np.asarray(o["train"].elbo) for o in seeds_out])}  # (seed, step)
+    dims = {"elbo": ["seed", "step"]}
+    coords = {"seed": seeds, "step": np.asarray(seeds_out[0]["train"].steps)}
+    attrs = {"problem": problem_name, "estimator": name}
     if "khat" in seeds_out[0]:
-        sample_stats["pareto_khat"] = np.stack([o["khat"] for o in seeds_out])[:, None, :]
-        log_lik = np.stack([o["log_lik"] for o in seeds_out])[:, None, :]
-        dims["pareto_khat"] = ["datapoint"]
-    else:
-        posterior = {k: np.stack([o["draws"][k] for o in seeds_out]) for k in ("weights", "locs", "scales")}
-        log_lik = np.stack([o["log_lik"] for o in seeds_out])
-        dims.update({"weights": ["component"], "locs": ["component", "dim"], "scales": ["component", "dim"]})
-    attrs = {"problem": problem_name, "estimator": name, "chains": "seeds"}
-    if "global_khat" in seeds_out[0]:
-        attrs["global_khat"] = [float(o["global_khat"]) for o in seeds_out]
-    return diagnostics.draws_inference_data(posterior, sample_stats=sample_stats, log_likelihood={"x": log_lik},
-                                            dims=dims, coords=coords, attrs=attrs)
+        vi_evaluation = {"log_likelihood": np.stack([o["log_lik"] for o in seeds_out]),
+                         "pareto_khat": np.stack([o["khat"] for o in seeds_out])}
+        dims.update({k: ["seed", diagnostics.DATAPOINT_DIM] for k in vi_evaluation})
+        return diagnostics.build_inference_data(
+            vi_evaluation=vi_evaluation, vi_training=vi_training, dims=dims, coords=coords, attrs=attrs,
+            descriptions={"log_likelihood": "IWAE estimate of log p(x_i) under each seed's final q",
+                          "pareto_khat": "PSIS k-hat of the importance weights per datapoint",
+                          "elbo": "ELBO per datapoint on the fixed evaluation set"})
+    posterior = {k: np.stack([o["draws"][k] for o in seeds_out]) for k in ("weights", "locs", "scales")}
+    dims.update(SITE_DIMS["bayesian-gmm"], global_pareto_khat=["seed"])
+    coords["chain"] = seeds
+    attrs["chains"] = "seeds (each seed's q, draws resampled by their Pareto-smoothed importance weights)"
+    return diagnostics.build_inference_data(
+        posterior=posterior, log_likelihood={"x": np.stack([o["log_lik"] for o in seeds_out])},
+        observed_data=observed, vi_evaluation={"global_pareto_khat": np.array([o["global_khat"] for o in seeds_out])},
+        vi_training=vi_training, dims=dims, coords=coords, attrs=attrs,
+        descriptions={"global_pareto_khat": "PSIS k-hat of q over the global latents (Yao et al. 2018)",
+                      "elbo": "ELBO per datapoint on the fixed evaluation set"})
+
+
+def nuts_inference_data(problem_name: str, mcmc, log_lik: np.ndarray, ordered: Dict[str, np.ndarray] | None = None):
+    """The InferenceData of a NUTS reference: posterior, sample stats, observed data and the pointwise
+    log-likelihood ``log_lik`` ``(draws, n)`` of the draws (one chain), dimensions named by :data:`SITE_DIMS`;
+    ``ordered``: draws to put in place of the posterior's (the mixture components' canonical order)."""
+    idata = diagnostics.from_pyro_mcmc(mcmc, log_likelihood={"x": log_lik[None]}, dims=SITE_DIMS[problem_name])
+    for k, v in (ordered or {}).items():
+        idata.posterior[k].values[...] = v[None]
+    return idata

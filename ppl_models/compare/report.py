@@ -14,6 +14,7 @@ import numpy as np
 
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.compare.gradients import GradientStats
+from ppl_models.compare.outputs import RunOutputs
 from ppl_models.compare.plots import plot_all
 from ppl_models.infer import diagnostics
 
@@ -50,13 +51,14 @@ def _md_table(rows: List[dict], columns: List[str]) -> str:
     return "\n".join(lines) + "\n" + ("\n" + "\n\n".join(notes) + "\n" if notes else "")
 
 
-def _write_csv(path: Path, rows: List[dict], columns: List[str]) -> None:
+def _write_csv(path: Path, rows: List[dict], columns: List[str]) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
     atomic_write_bytes(path, lambda f: f.write(buffer.getvalue().encode()))
+    return path
 
 
 GRADIENT_COLUMNS = [
@@ -154,13 +156,15 @@ def curve_rows(problem_name: str, name: str, seeds_out: list) -> List[dict]:
 
 
 def write_outputs(config, run_dir, grad_rows, param_rows, train_rows, curve_rows, train_results, loo, nuts_refs,
-                   timings, plots: bool) -> dict:
-    """Write the tables (CSV, ``report.md``, ``summary.json``) and, with ``plots``, the figures; return the summary."""
-    _write_csv(run_dir / "gradients.csv", grad_rows, GRADIENT_COLUMNS)
-    _write_csv(run_dir / "gradients_params.csv", param_rows,
-               ["problem", "estimator", "param", "role", "numel", "mean_variance", "mean_snr", "max_abs_z"])
-    _write_csv(run_dir / "training.csv", train_rows, TRAINING_COLUMNS)
-    _write_csv(run_dir / "training_curves.csv", curve_rows, ["problem", "estimator", "seed", "step", "elbo"])
+                   timings, plots: bool, outputs: RunOutputs) -> dict:
+    """Write the tables (CSV, ``report.md``, ``summary.json``) and, with ``plots``, the figures, each recorded in
+    ``outputs`` (the run's manifest); return the summary."""
+    record = outputs.record
+    record(_write_csv(run_dir / "gradients.csv", grad_rows, GRADIENT_COLUMNS))
+    record(_write_csv(run_dir / "gradients_params.csv", param_rows,
+                      ["problem", "estimator", "param", "role", "numel", "mean_variance", "mean_snr", "max_abs_z"]))
+    record(_write_csv(run_dir / "training.csv", train_rows, TRAINING_COLUMNS))
+    record(_write_csv(run_dir / "training_curves.csv", curve_rows, ["problem", "estimator", "seed", "step", "elbo"]))
     g, t = config.gradients, config.training
     training_part = [
         f"## Training ({t.num_seeds} seeds x {t.num_steps} steps, batch {t.batch_size}; ELBO per datapoint on a fixed "
@@ -189,7 +193,7 @@ def write_outputs(config, run_dir, grad_rows, param_rows, train_rows, curve_rows
     ]
     summary = {"timings_s": timings, "gradients": grad_rows, "training": train_rows}
     if loo is not None:
-        _write_csv(run_dir / "loo.csv", loo["rows"], list(loo["rows"][0]))
+        record(_write_csv(run_dir / "loo.csv", loo["rows"], list(loo["rows"][0])))
         parts += ["## Bayesian GMMs: PSIS-LOO across K (NUTS, and VI with the reparameterized estimator)\n",
                   "VI pointwise log-likelihood: importance sampling over the global latents' guide, resampled by "
                   "the Pareto-smoothed weights (see ppl_models/compare/).\n",
@@ -197,11 +201,13 @@ def write_outputs(config, run_dir, grad_rows, param_rows, train_rows, curve_rows
         for kind, table in loo["compare"].items():
             text = table.to_csv()
             atomic_write_bytes(run_dir / f"loo_compare_{kind}.csv", lambda f, s=text: f.write(s.encode()))
+            record(run_dir / f"loo_compare_{kind}.csv")
             parts += [f"\naz.compare ({kind}):\n\n```\n{table.to_string()}\n```\n"]
         summary["loo"] = loo["rows"]
     sums = nuts_refs.get("bayesian-gmm-summaries") or {}
     for name, table in sums.items():
-        parts += [f"\naz.summary of the Bayesian GMM's q, {name} (chains = seeds):\n\n```\n{table.to_string()}\n```\n"]
+        parts += [f"\naz.summary of the Bayesian GMM's q, {name} (draws resampled by their Pareto-smoothed importance "
+                  f"weights; chains = seeds):\n\n```\n{table.to_string()}\n```\n"]
     if "linear-gaussian" in nuts_refs:
         ref = nuts_refs["linear-gaussian"]
         parts += ["## Linear-Gaussian: posterior of z for the first datapoints — exact, NUTS, VI (reparameterized)\n",
@@ -209,10 +215,13 @@ def write_outputs(config, run_dir, grad_rows, param_rows, train_rows, curve_rows
                   _md_table(ref["rows"], list(ref["rows"][0]))]
     text = "\n".join(parts)
     atomic_write_bytes(run_dir / "report.md", lambda f: f.write(text.encode()))
+    record(run_dir / "report.md")
     if plots:
-        plot_all(run_dir, grad_rows, train_results, nuts_refs)
+        for path in plot_all(run_dir, grad_rows, train_results, nuts_refs):
+            record(path)
     summary_text = json.dumps(summary, indent=1, default=_json_default, allow_nan=True)
     atomic_write_bytes(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
+    record(run_dir / "summary.json")
     return summary
 
 

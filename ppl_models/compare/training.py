@@ -20,7 +20,7 @@ import pyro.poutine as poutine
 import torch
 
 from ppl_models.compare.config import CompareConfig
-from ppl_models.compare.problems import Problem
+from ppl_models.compare.problems import UNSCALED, Problem
 from ppl_models.infer.engine import Trainer
 from ppl_models.infer.estimators import Estimator, EstimatorError
 from ppl_models.infer.objectives import estimator_spec, make_estimator
@@ -38,7 +38,7 @@ def common_elbo(problem: Problem, num_particles: int, seed: int) -> float:
         torch.manual_seed(seed)
         if problem.exact_elbo is not None:
             with torch.enable_grad():  # TraceEnum_ELBO.differentiable_loss insists; nothing is backpropagated
-                value = float(problem.exact_elbo(args, {}).detach())
+                value = float(problem.exact_elbo(args, UNSCALED).detach())
         else:
             if problem.enumerated:  # the Bayesian GMM indexes its global latents: no vectorized particles
                 elbo = pyro.infer.TraceEnum_ELBO(
@@ -46,7 +46,7 @@ def common_elbo(problem: Problem, num_particles: int, seed: int) -> float:
                 )
             else:
                 elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=2)
-            value = -float(elbo.loss(model, guide, *args))
+            value = -float(elbo.loss(model, guide, *args, **UNSCALED))
     return value / n
 
 

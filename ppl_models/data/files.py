@@ -19,25 +19,20 @@ which returns the path of a verified copy:
 Within a directory the forms are tried in the order registered (the ``.gz``
 form first).  A file that is found is checksum-verified, once per
 ``(path, size, mtime_ns)`` in a process; a wrong checksum is an error, never
-a reason to look further.  A download streams into a temporary file next to
-its destination, is verified, and only then renamed into place, so nothing
-half-written is ever left in the cache (the temporary file is removed on any
-failure, ``KeyboardInterrupt`` included).
-
-Only the standard library (:mod:`urllib`) is used for HTTP.
+a reason to look further.  Downloads go through `pooch <https://www.fatiando.org/pooch>`_
+(requests, streamed): into a temporary file next to the destination, checked against
+the registered digest and only then renamed into place, a failed attempt retried
+(:data:`DEFAULT_RETRIES`), so nothing half-written is ever left in the cache (the
+temporary file is removed on any failure, ``KeyboardInterrupt`` included).  A
+server's "not found" (HTTP 4xx) moves on to the next accepted form at once.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import os
-import secrets
 import sys
-import time
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +63,7 @@ __all__ = [
     "CACHE_ENV",
     "URL_ENV",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_RETRIES",
 ]
 
 #: Environment variable naming a directory that holds ``<dataset>/<file>`` (searched before the cache).
@@ -78,6 +74,8 @@ CACHE_ENV = "PPL_MODELS_CACHE"
 URL_ENV = "PPL_MODELS_DATA_URL"
 #: Socket timeout, in seconds, for connecting and for each read of a download.
 DEFAULT_TIMEOUT = 30.0
+#: Further attempts of a download that failed on the way (pooch waits 1 s, 2 s, ... between them).
+DEFAULT_RETRIES = 2
 
 _CHUNK = 1 << 20
 _FIX_HINT = f"To fix: put the file in <dir>/{{dataset}}/ and set {DATA_ENV}=<dir> or pass data_dir=<dir>"
@@ -414,28 +412,83 @@ class _Unavailable(Exception):
 
 
 class _Progress:
-    """A short progress line on stderr: updated in place on a terminal, start and end lines otherwise."""
+    """Pooch's progress bar of one download: a line naming the URL and the destination, then a tqdm bar on stderr
+    (on a terminal).  Pooch sets ``total`` (the announced size) and calls ``update``, ``reset`` and ``close``."""
 
-    def __init__(self, url: str, dest: Path, total: int | None):
-        self.total, self.tty = total, sys.stderr.isatty()
-        self.last = 0.0
-        size = f" ({total / 2**20:.1f} MiB)" if total is not None else ""
-        sys.stderr.write(f"ppl_models: downloading {url} -> {dest}{size}\n")
+    def __init__(self, url: str, dest: Path):
+        self.total: int | None = None
+        self._bar = None
+        sys.stderr.write(f"ppl_models: downloading {url} -> {dest}\n")
         sys.stderr.flush()
+
+    def _tqdm(self):
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total or None, unit="B", unit_scale=True, leave=False, file=sys.stderr,
+                             disable=None, dynamic_ncols=True)
+        return self._bar
 
     def update(self, received: int) -> None:
-        now = time.monotonic()
-        if self.tty and now - self.last > 0.2:
-            self.last = now
-            of = f" / {self.total / 2**20:.1f}" if self.total is not None else ""
-            sys.stderr.write(f"\r  {received / 2**20:.1f}{of} MiB")
-            sys.stderr.flush()
+        self._tqdm().update(received)
 
-    def close(self, received: int, ok: bool) -> None:
-        if self.tty:
-            sys.stderr.write("\r")
-        sys.stderr.write(f"  {'done' if ok else 'failed'}: {received} bytes\n")
-        sys.stderr.flush()
+    def reset(self) -> None:
+        self._tqdm().reset(total=self.total or None)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _Downloader:
+    """``pooch.HTTPDownloader`` (requests, streamed) with this module's timeout and progress line.  A client error
+    (HTTP 4xx: the server does not serve the file) is :class:`_Unavailable` at once, not retried; for the messages
+    after pooch's retries it records what a cut-short attempt received and the digest of each complete download."""
+
+    def __init__(self, url: str, dest: Path, form: FileForm, timeout: float):
+        import pooch
+
+        self.form, self.progress = form, _Progress(url, dest)
+        self.http = pooch.HTTPDownloader(progressbar=self.progress, timeout=timeout,
+                                         headers={"User-Agent": "ppl_models (pooch)"})
+        self.digest: str | None = None
+        self.cut: Tuple[int, int | None, str] | None = None
+
+    def __call__(self, url: str, output_file, pooch_instance, check_only: bool = False):
+        import requests
+
+        self.digest, self.cut, self.progress.total = None, None, None
+        try:
+            self.http(url, output_file, pooch_instance, check_only=check_only)
+        except requests.HTTPError as e:
+            status = e.response.status_code if e.response is not None else 0
+            if 400 <= status < 500:
+                raise _Unavailable(f"HTTP {status} {e.response.reason}") from None
+            raise
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as e:
+            if self.progress.total is not None or isinstance(e, requests.exceptions.ChunkedEncodingError):
+                received = _bytes_read(e)  # the body broke off
+                if received is None:
+                    received = os.path.getsize(output_file) if os.path.exists(output_file) else 0
+                self.cut = (received, self.progress.total or None, type(e).__name__)
+            raise
+        self.digest = file_digest(output_file, self.form.algorithm)
+
+
+def _bytes_read(exc: BaseException) -> int | None:
+    """The bytes of a body received before the connection broke: urllib3's ``IncompleteRead.partial``, inside the
+    ``requests`` error (the bytes of the last partial chunk never reach the file)."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(getattr(e, "partial", None), int):
+            return e.partial
+        stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)] + [e.__cause__, e.__context__]
+    return None
 
 
 def _makedirs(path: Path) -> List[Path]:
@@ -461,8 +514,13 @@ def _candidates(entry: DataFile, mirror: str | None) -> Iterator[Tuple[str, File
                 yield form.url, form
 
 
-def _download(url: str, form: FileForm, dest: Path, timeout: float) -> Path:
-    """Stream ``url`` to a temporary file beside ``dest``, verify it and rename it to ``dest``."""
+def _download(url: str, form: FileForm, dest: Path, timeout: float, retries: int) -> Path:
+    """Download ``url`` to ``dest`` with pooch: streamed into a temporary file beside ``dest``, checked against the
+    registered digest and only then renamed; a failed attempt (connection, transfer, checksum) is retried
+    ``retries`` times.  Nothing is left behind on any failure (``KeyboardInterrupt`` included)."""
+    import pooch
+    import requests
+
     try:
         created = _makedirs(dest.parent)
     except OSError as e:
@@ -470,65 +528,37 @@ def _download(url: str, form: FileForm, dest: Path, timeout: float) -> Path:
             f"cannot create the download cache directory {dest.parent} ({type(e).__name__}: {e}); "
             f"set {CACHE_ENV} to a writable directory"
         ) from None
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-    fd = None
+    downloader = _Downloader(url, dest, form, timeout)
+    fetcher = pooch.create(path=str(dest.parent), base_url="", registry={dest.name: f"{form.algorithm}:{form.digest}"},
+                           urls={dest.name: url}, retry_if_failed=retries)
+    logger, level = pooch.get_logger(), pooch.get_logger().level
+    logger.setLevel("WARNING")  # its "Downloading ..." line: the progress line says it
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "ppl_models (python urllib)"})
         try:
-            response = urllib.request.urlopen(request, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            e.close()
-            raise _Unavailable(f"HTTP {e.code} {e.reason}") from None
-        except urllib.error.URLError as e:
-            raise _Unavailable(f"unreachable ({e.reason})") from None
-        except (OSError, http.client.HTTPException) as e:
+            fetcher.fetch(dest.name, downloader=downloader)
+        except ValueError:  # pooch: the digest of the (last) download differs
+            if downloader.digest is None:
+                raise
+            raise ChecksumError(dest, form.algorithm, form.digest.lower(), downloader.digest, url=url) from None
+        except requests.RequestException as e:
+            if downloader.cut is not None:
+                raise TransferError(url, *downloader.cut) from None
+            if isinstance(e, requests.HTTPError) and e.response is not None:
+                raise _Unavailable(f"HTTP {e.response.status_code} {e.response.reason}") from None
             raise _Unavailable(f"unreachable ({type(e).__name__}: {e})") from None
-        with response:
-            length = response.headers.get("Content-Length")
-            expected = int(length) if length is not None and length.strip().isdigit() else None
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            hasher, received = _hasher(form.algorithm), 0
-            progress = _Progress(url, dest, expected)
-            ok = False
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    fd = None  # owned by `out` now
-                    while True:
-                        try:
-                            chunk = response.read(_CHUNK)
-                        except http.client.IncompleteRead as e:
-                            received += len(e.partial)
-                            raise TransferError(url, received, expected, "incomplete read") from None
-                        except (OSError, http.client.HTTPException) as e:
-                            raise TransferError(url, received, expected, f"{type(e).__name__}: {e}") from None
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        hasher.update(chunk)
-                        received += len(chunk)
-                        progress.update(received)
-                if expected is not None and received != expected:
-                    raise TransferError(url, received, expected)
-                ok = True
-            finally:
-                progress.close(received, ok)
-        actual = hasher.hexdigest()
-        if actual != form.digest.lower():
-            raise ChecksumError(dest, form.algorithm, form.digest.lower(), actual, url=url)
-        os.replace(tmp, dest)
-        st = dest.stat()
-        _VERIFIED.add((str(dest.resolve()), st.st_size, st.st_mtime_ns, form.algorithm, form.digest.lower()))
-        return dest
+        finally:
+            downloader.progress.close()
+            logger.setLevel(level)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
         for d in reversed(created):
             try:
                 d.rmdir()
             except OSError:
                 break
         raise
+    st = dest.stat()
+    _VERIFIED.add((str(dest.resolve()), st.st_size, st.st_mtime_ns, form.algorithm, form.digest.lower()))
+    return dest
 
 
 def fetch(
@@ -539,6 +569,7 @@ def fetch(
     base_url: str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
 ) -> Path:
     """The path of a verified local copy of a registered file (see the module docstring for the search order).
 
@@ -549,6 +580,7 @@ def fetch(
     :param base_url: a mirror root serving ``<base_url>/<dataset>/<form>``
         (default ``$PPL_MODELS_DATA_URL``, else the usual public URL).
     :param timeout: socket timeout in seconds for a download.
+    :param retries: further attempts of a download that failed on the way (connection, transfer, checksum).
     :returns: the path of the file found (one of the accepted forms; ``.gz`` or not).
     :raises ChecksumError: a found or downloaded file has the wrong checksum.
     :raises TransferError: a download was cut short.
@@ -580,7 +612,7 @@ def fetch(
     destination = cache_dir() / entry.dataset
     for url, form in _candidates(entry, mirror):
         try:
-            return _download(url, form, destination / form.filename, timeout)
+            return _download(url, form, destination / form.filename, timeout, retries)
         except _Unavailable as e:
             failures.append(f"{url}: {e}")
     if not failures:

@@ -28,6 +28,7 @@ from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ppl_models.encodings import BOS, EOS, PAD, SPECIALS, UNK
 
@@ -225,10 +226,8 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_index: int = 0) -> Tuple[torch.
     if int(lengths.min()) < 1:
         bad = int((lengths < 1).nonzero()[0])
         raise TextDataError(f"pad_batch: sequence {bad}: expected at least one token, received none")
-    tokens = torch.full((len(seqs), int(lengths.max())), pad_index, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    return tokens, lengths
+    rows = [torch.as_tensor(list(s), dtype=torch.long) for s in seqs]
+    return pad_sequence(rows, batch_first=True, padding_value=pad_index), lengths
 
 
 def length_batches(lengths: Sequence[int] | torch.Tensor, batch_size: int, generator: torch.Generator,

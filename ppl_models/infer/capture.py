@@ -326,7 +326,10 @@ def batch_key(args: tuple) -> tuple:
 
 
 def notice_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    """One line on stderr, above any progress bar (``tqdm.write``)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 class CapturedPrograms:
@@ -338,6 +341,9 @@ class CapturedPrograms:
 
     :param notice: where the one-line notices go.
     """
+
+    #: Said before the first compiled call, which compiles (inductor: 15-75 s).
+    compiling_notice = "compiling the captured ELBO with inductor (this step only) ..."
 
     def __init__(self, notice: Callable[[str], None] = notice_stderr):
         self.notice = notice
@@ -377,6 +383,7 @@ class CapturedPrograms:
         run = self.runners[key]
         if run is cap.graph or self.compile_seconds is not None:
             return run(*inputs)
+        self.notice(self.compiling_notice)  # a silent minute otherwise
         start = time.perf_counter()
         try:
             out = run(*inputs)

@@ -5,40 +5,53 @@ This is the only module that imports :mod:`arviz`, so a move to ArviZ 1.x touche
 * :func:`psis_khat` — Pareto-smoothed importance sampling shape :math:`\\hat k` per row of log weights
   (Vehtari et al. 2024): :math:`\\hat k < 0.5` the importance sampling estimate is reliable,
   :math:`0.5 \\le \\hat k < 0.7` usable, :math:`\\hat k \\ge 0.7` unreliable (the proposal's tails are too light).
-* :func:`pointwise_inference_data`, :func:`save_netcdf`, :func:`load_netcdf` — per-datapoint results as an
-  :class:`arviz.InferenceData` written to netCDF atomically.
-* :func:`summary`, :func:`ess`, :func:`rhat`, :func:`loo` — pass-throughs to ArviZ.
-* :func:`draws_inference_data`, :func:`from_pyro_mcmc`, :func:`add_log_likelihood`, :func:`compare` — the
-  estimator comparison (:mod:`ppl_models.compare`): draws with chains (seeds or MCMC chains), ELBO traces,
-  pointwise log-likelihoods, ``az.from_pyro`` for Pyro's MCMC and ``az.compare``.
+* :func:`build_inference_data`, :func:`from_pyro_mcmc`, :func:`add_log_likelihood`, :func:`save_netcdf`,
+  :func:`load_netcdf` — :class:`arviz.InferenceData` built with named dimensions and written to netCDF atomically.
+* :func:`summary`, :func:`ess`, :func:`rhat`, :func:`loo`, :func:`compare` — ArviZ's functions.
+
+**What goes where** (ArviZ's conventions, so that its functions never misread a file):
+
+* ``posterior`` holds draws ``(chain, draw, ...)`` of a posterior (NUTS, or a variational posterior's draws),
+  and ``log_likelihood`` the pointwise :math:`\\log p(x_i \\mid \\theta_s)` of *those* draws, ``(chain, draw,
+  datapoint)``: ``az.loo``/``az.compare`` read them, so a ``log_likelihood`` group is only ever written beside a
+  ``posterior`` with the same chains and draws.  ``observed_data`` shares the datapoint dimension's name,
+  :data:`DATAPOINT_DIM`.
+* Per-datapoint results of a variational fit that are *not* draws — the IWAE estimate of :math:`\\log p(x_i)`,
+  the ELBO, KL and PSIS :math:`\\hat k` per datapoint — go to the group :data:`VI_EVALUATION`, and training
+  curves to :data:`VI_TRAINING`: groups without ``chain``/``draw`` that ArviZ's statistics do not read.
+  :func:`summary` summarises them over the datapoints (mean, sd, HDI; no ESS or R-hat: datapoints are not draws).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ppl_models.atomic import atomic_path
 
-# ArviZ 0.2x prints this FutureWarning (at most once a day) on import; filter it by its text only.
-warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
-import arviz as az  # noqa: E402
+with warnings.catch_warnings():
+    # ArviZ 0.2x prints this FutureWarning (at most once a day) on import: silenced for the import only, by its
+    # text (no process-wide filter is left behind).
+    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+    import arviz as az
 
 __all__ = [
     "KHAT_GOOD",
     "KHAT_BAD",
+    "DATAPOINT_DIM",
+    "VI_EVALUATION",
+    "VI_TRAINING",
     "psis_khat",
-    "pointwise_inference_data",
+    "build_inference_data",
     "save_netcdf",
     "load_netcdf",
     "summary",
     "ess",
     "rhat",
     "loo",
-    "draws_inference_data",
     "from_pyro_mcmc",
     "add_log_likelihood",
     "compare",
@@ -52,6 +65,14 @@ InferenceData = az.InferenceData
 KHAT_GOOD = 0.5
 #: :math:`\hat k` at or above this: the estimate is unreliable.
 KHAT_BAD = 0.7
+
+#: The datapoint dimension's name in every group (``observed_data``, ``log_likelihood``, :data:`VI_EVALUATION`).
+DATAPOINT_DIM = "datapoint"
+#: Per-datapoint results of a variational fit that are not posterior draws (IWAE estimate, ELBO, KL, k̂).
+VI_EVALUATION = "vi_evaluation"
+#: Training curves of a variational fit (the ELBO against the step).
+VI_TRAINING = "vi_training"
+_DRAW_GROUPS = ("posterior", "sample_stats", "log_likelihood")
 
 #: Rows of log weights handed to ``az.psislw`` at once (it copies its input and returns smoothed weights
 #: of the same size, so the working set is about three times the chunk).
@@ -99,51 +120,95 @@ def psis_khat(log_weights: np.ndarray, samples_axis: int = -1) -> np.ndarray:
     return khat.reshape(batch_shape)
 
 
-def _with_chain_draw(name: str, values, n: int | None) -> np.ndarray:
-    """``(n,)`` -> ``(1, 1, n)``, ``(draws, n)`` -> ``(1, draws, n)``, ``(chains, draws, n)`` as is."""
-    a = np.asarray(values)
-    if a.ndim == 1:
-        a = a[None, None, :]
-    elif a.ndim == 2:
-        a = a[None]
-    elif a.ndim != 3:
-        raise ValueError(f"{name}: expected shape (n,), (draws, n) or (chains, draws, n), received {a.shape}")
-    if n is not None and a.shape[-1] != n:
-        raise ValueError(f"{name}: expected {n} datapoints on the last axis, received shape {a.shape}")
-    return a
+def _sizes(group: str, name: str, array: np.ndarray, dims) -> dict:
+    if len(dims) != array.ndim:
+        raise ValueError(f"{group} {name!r}: shape {array.shape} needs {array.ndim} dimension names, received "
+                         f"{list(dims)}")
+    return dict(zip(dims, array.shape))
 
 
-def pointwise_inference_data(
-    log_lik,
-    observed_name: str,
+def build_inference_data(
     *,
-    extra: Mapping[str, np.ndarray] | None = None,
-    dim_name: str = "datapoint",
+    posterior: Mapping[str, np.ndarray] | None = None,
+    sample_stats: Mapping[str, np.ndarray] | None = None,
+    log_likelihood: Mapping[str, np.ndarray] | None = None,
+    observed_data: Mapping[str, np.ndarray] | None = None,
+    vi_evaluation: Mapping[str, np.ndarray] | None = None,
+    vi_training: Mapping[str, np.ndarray] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+    coords: Mapping[str, np.ndarray] | None = None,
     attrs: Mapping | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> az.InferenceData:
-    """Per-datapoint results as an :class:`arviz.InferenceData`.
+    """An :class:`arviz.InferenceData` with every dimension named (see the module docstring for what goes where).
 
-    :param log_lik: pointwise log-likelihood, shape ``(n,)`` (one estimate per datapoint, stored with
-        ``chain`` and ``draw`` of size 1), ``(draws, n)`` or ``(chains, draws, n)``.
-    :param observed_name: the observed site's name; the variable's name in the ``log_likelihood`` group.
-    :param extra: more per-datapoint arrays (``elbo``, ``kl``, ``pareto_khat``...), each of one of the
-        shapes above with the same ``n``; stored in the ``sample_stats`` group.
-    :param dim_name: name of the datapoint dimension.
-    :param attrs: attributes of both groups (numbers and strings: netCDF attributes).
+    :param posterior: draws ``(chain, draw, ...)``, e.g. ``{"locs": (chains, draws, K, D)}``.
+    :param sample_stats: per-draw statistics of the sampler ``(chain, draw, ...)``.
+    :param log_likelihood: pointwise log-likelihoods of the posterior's draws, ``{"x": (chain, draw, n)}``, the
+        last dimension :data:`DATAPOINT_DIM`; needs ``posterior`` with the same chains and draws.
+    :param observed_data: ``{"x": (n, ...)}``; its first dimension is :data:`DATAPOINT_DIM` (``dims["x"]``
+        names all of them, starting with it).
+    :param vi_evaluation: per-datapoint results that are not draws (:data:`VI_EVALUATION`), any shape.
+    :param vi_training: training curves (:data:`VI_TRAINING`), any shape.
+    :param dims: names of the dimensions after ``(chain, draw)`` (draw groups) or of all of them (the others);
+        required for every variable of ``observed_data``, ``vi_evaluation`` and ``vi_training``.
+    :param coords: coordinates; :data:`DATAPOINT_DIM` defaults to ``0 .. n-1``.
+    :param attrs: attributes of every group (numbers, strings and lists of them: netCDF attributes).
+    :param descriptions: a ``description`` attribute per variable name.
+    :raises ValueError: naming the group and variable whose shape or dimension names do not fit.
     """
-    ll = _with_chain_draw(f"log_likelihood {observed_name!r}", log_lik, None)
-    n = ll.shape[-1]
-    stats = {name: _with_chain_draw(f"extra {name!r}", a, n) for name, a in (extra or {}).items()}
-    dims = {observed_name: [dim_name], **{name: [dim_name] for name in stats}}
-    coords = {dim_name: np.arange(n)}
-    return az.from_dict(
-        log_likelihood={observed_name: ll},
-        sample_stats=stats or None,
-        coords=coords,
-        dims=dims,
-        log_likelihood_attrs=dict(attrs or {}),
-        sample_stats_attrs=dict(attrs or {}) if stats else None,
-    )
+    dims = {k: list(v) for k, v in (dims or {}).items()}
+    groups = {"posterior": posterior, "sample_stats": sample_stats, "log_likelihood": log_likelihood,
+              "observed_data": observed_data, VI_EVALUATION: vi_evaluation, VI_TRAINING: vi_training}
+    groups = {g: {k: np.asarray(v) for k, v in values.items()} for g, values in groups.items() if values}
+    draws_shape = None
+    for name, a in groups.get("posterior", {}).items():
+        if a.ndim < 2 or (draws_shape is not None and a.shape[:2] != draws_shape):
+            raise ValueError(f"posterior {name!r}: expected shape (chain, draw, ...) with the (chain, draw) of the "
+                             f"other variables {draws_shape}, received {a.shape}")
+        draws_shape = a.shape[:2]
+    for name, a in groups.get("sample_stats", {}).items():
+        if a.ndim < 2:
+            raise ValueError(f"sample_stats {name!r}: expected shape (chain, draw, ...), received {a.shape}")
+    for name, a in groups.get("log_likelihood", {}).items():
+        if draws_shape is None:
+            raise ValueError(f"log_likelihood {name!r}: pointwise log-likelihoods are of posterior draws (az.loo "
+                             "reads them as such); received no posterior. Per-datapoint estimates that are not "
+                             f"draws belong to the {VI_EVALUATION!r} group")
+        if a.ndim != 3 or a.shape[:2] != draws_shape:
+            raise ValueError(f"log_likelihood {name!r}: expected shape (chain, draw, n) with the posterior's "
+                             f"(chain, draw) {draws_shape}, received {a.shape}")
+        dims[f"log_likelihood/{name}"] = [DATAPOINT_DIM]
+    sizes: dict = {}
+    for group in ("observed_data", VI_EVALUATION, VI_TRAINING):
+        for name, a in groups.get(group, {}).items():
+            if name not in dims:
+                raise ValueError(f"{group} {name!r}: name its {a.ndim} dimensions in dims")
+            if group == "observed_data" and dims[name][:1] != [DATAPOINT_DIM]:
+                raise ValueError(f"observed_data {name!r}: the first dimension is {DATAPOINT_DIM!r}, received "
+                                 f"dims {dims[name]}")
+            for dim, size in _sizes(group, name, a, dims[name]).items():
+                sizes.setdefault(dim, size)
+    for name, a in groups.get("log_likelihood", {}).items():
+        n = sizes.setdefault(DATAPOINT_DIM, a.shape[-1])
+        if a.shape[-1] != n:
+            raise ValueError(f"log_likelihood {name!r}: {a.shape[-1]} datapoints, the other groups have {n}")
+    coords = dict(coords or {})
+    if DATAPOINT_DIM in sizes:
+        coords.setdefault(DATAPOINT_DIM, np.arange(sizes[DATAPOINT_DIM]))
+    datasets = {}
+    for group, values in groups.items():
+        group_dims = {k: dims.get(f"{group}/{k}", dims.get(k)) for k in values}
+        group_dims = {k: v for k, v in group_dims.items() if v is not None}
+        datasets[group] = az.dict_to_dataset(values, attrs=dict(attrs or {}), coords=coords, dims=group_dims,
+                                             default_dims=None if group in _DRAW_GROUPS else [])
+        for name, text in (descriptions or {}).items():
+            if name in datasets[group]:
+                datasets[group][name].attrs["description"] = text
+    with warnings.catch_warnings():
+        # (seeds, draws) posteriors of a few draws are intended (each seed's q is a chain).
+        warnings.filterwarnings("ignore", message=r"More chains \(\d+\) than draws", category=UserWarning)
+        return az.InferenceData(**datasets)
 
 
 def save_netcdf(idata: az.InferenceData, path) -> str:
@@ -166,7 +231,30 @@ def load_netcdf(path) -> az.InferenceData:
 
 
 def summary(data, **kwargs):
-    """``az.summary``: posterior means, sds, ESS and R-hat as a table."""
+    """``az.summary``: posterior means, sds, ESS and R-hat as a table.
+
+    An InferenceData without a posterior but with a :data:`VI_EVALUATION` group (``eval.nc``, a comparison's
+    problem with local latents) is summarised over its datapoints instead: per variable that has a
+    :data:`DATAPOINT_DIM`, ``az.summary(kind="stats")`` of its finite values (mean, sd, HDI across datapoints and
+    any other dimension such as ``seed``; no ESS or R-hat, the datapoints are not draws), and ``n_finite``; a
+    variable without finite values is left out.
+    """
+    if isinstance(data, az.InferenceData) and "posterior" not in data.groups() and VI_EVALUATION in data.groups():
+        import pandas as pd
+
+        rows = []
+        for name, var in getattr(data, VI_EVALUATION).data_vars.items():
+            if DATAPOINT_DIM not in var.dims:
+                continue
+            values = np.asarray(var.values, dtype=np.float64).reshape(-1)
+            finite = values[np.isfinite(values)]
+            if finite.size:  # e.g. k̂ of one importance sample per datapoint: none (a row of NaN says nothing)
+                table = az.summary({name: finite[None]}, kind="stats", **kwargs)
+                table["n_finite"] = finite.size
+                rows.append(table)
+        if not rows:
+            raise ValueError(f"summary: the {VI_EVALUATION!r} group has no finite values along {DATAPOINT_DIM!r}")
+        return pd.concat(rows)
     return az.summary(data, **kwargs)
 
 
@@ -185,73 +273,50 @@ def loo(data, **kwargs):
     return az.loo(data, **kwargs)
 
 
-def draws_inference_data(
-    posterior: Mapping[str, np.ndarray] | None = None,
-    *,
-    sample_stats: Mapping[str, np.ndarray] | None = None,
-    log_likelihood: Mapping[str, np.ndarray] | None = None,
-    dims: Mapping[str, list] | None = None,
-    coords: Mapping[str, np.ndarray] | None = None,
-    attrs: Mapping | None = None,
-) -> az.InferenceData:
-    """An :class:`arviz.InferenceData` from arrays shaped ``(chain, draw, ...)`` (``az.from_dict``).
-
-    :param posterior: draws of latent variables, e.g. ``{"locs": (seeds, draws, K, D)}``.
-    :param sample_stats: e.g. ELBO traces ``{"elbo": (seeds, evaluations)}`` (a group's ``draw`` length is its own).
-    :param log_likelihood: pointwise log-likelihoods ``{"x": (chains, draws, n)}``.
-    :param dims: dimension names after ``(chain, draw)`` per variable.
-    :param coords: coordinates of those dimensions.
-    :param attrs: attributes of every group (numbers and strings).
-    """
-    for group, values in (("posterior", posterior), ("sample_stats", sample_stats), ("log_likelihood", log_likelihood)):
-        for name, a in (values or {}).items():
-            if np.asarray(a).ndim < 2:
-                raise ValueError(f"{group} {name!r}: expected shape (chain, draw, ...), received {np.shape(a)}")
-    with warnings.catch_warnings():
-        # (seeds, 1, ...) arrays are intended: one value per seed (e.g. a per-datapoint k̂ of the final q).
-        warnings.filterwarnings("ignore", message=r"More chains \(\d+\) than draws", category=UserWarning)
-        return _from_dict_draws(posterior, sample_stats, log_likelihood, dims, coords, attrs)
-
-
-def _from_dict_draws(posterior, sample_stats, log_likelihood, dims, coords, attrs):
-    return az.from_dict(
-        posterior=dict(posterior) if posterior else None,
-        sample_stats=dict(sample_stats) if sample_stats else None,
-        log_likelihood=dict(log_likelihood) if log_likelihood else None,
-        dims=dict(dims or {}),
-        coords=dict(coords or {}),
-        posterior_attrs=dict(attrs or {}) if posterior else None,
-        sample_stats_attrs=dict(attrs or {}) if sample_stats else None,
-        log_likelihood_attrs=dict(attrs or {}) if log_likelihood else None,
-    )
-
-
 def from_pyro_mcmc(mcmc, *, log_likelihood: Mapping[str, np.ndarray] | None = None, dims=None, coords=None):
-    """``az.from_pyro`` of a finished :class:`pyro.infer.MCMC` run (posterior and NUTS sample stats).
+    """``az.from_pyro`` of a finished :class:`pyro.infer.MCMC` run: posterior, NUTS sample stats, observed data.
 
-    ArviZ's own log-likelihood pass re-runs the model on every draw, which fails for models that enumerate a
-    site; ``log_likelihood`` (``{"x": (chains, draws, n)}``, computed by the caller) is added instead.
+    :param log_likelihood: ``{"x": (chains, draws, n)}``, computed by the caller (ArviZ's own pass re-runs the
+        model on every draw, which fails for models that enumerate a site); see :func:`add_log_likelihood`.
+    :param dims: dimension names per site after ``(chain, draw)``, e.g. ``{"locs": ["component", "data_dim"],
+        "x": ["datapoint", "data_dim"]}``; an observed site's first one must be :data:`DATAPOINT_DIM`.
+    :param coords: their coordinates.
     """
     idata = az.from_pyro(mcmc, log_likelihood=False, dims=dims, coords=coords)
+    if "observed_data" in idata.groups():
+        for name, var in idata.observed_data.data_vars.items():
+            if var.dims[:1] != (DATAPOINT_DIM,):
+                raise ValueError(f"from_pyro_mcmc: observed site {name!r} has dims {var.dims}; name the first "
+                                 f"{DATAPOINT_DIM!r} in dims")
     if log_likelihood:
         add_log_likelihood(idata, log_likelihood)
     return idata
 
 
-def add_log_likelihood(idata: az.InferenceData, log_likelihood: Mapping[str, np.ndarray], dim_name: str = "datapoint"):
-    """Add (or replace) the ``log_likelihood`` group: ``{"x": (chains, draws, n)}``."""
+def add_log_likelihood(idata: az.InferenceData, log_likelihood: Mapping[str, np.ndarray]):
+    """Add (or replace) the ``log_likelihood`` group: ``{"x": (chains, draws, n)}``, the pointwise log-likelihood
+    of the posterior's draws along :data:`DATAPOINT_DIM` (the ``observed_data`` group's, where there is one)."""
+    if "posterior" not in idata.groups():
+        raise ValueError("add_log_likelihood: pointwise log-likelihoods are of posterior draws; the InferenceData "
+                         "has no posterior")
+    post = idata.posterior
+    draws_shape = (post.sizes["chain"], post.sizes["draw"])
     groups = {}
     for name, a in log_likelihood.items():
         a = np.asarray(a)
-        if a.ndim != 3:
-            raise ValueError(f"log_likelihood {name!r}: expected shape (chains, draws, n), received {a.shape}")
+        if a.ndim != 3 or a.shape[:2] != draws_shape:
+            raise ValueError(f"log_likelihood {name!r}: expected shape (chains, draws, n) with the posterior's "
+                             f"(chain, draw) {draws_shape}, received {a.shape}")
+        if "observed_data" in idata.groups() and name in idata.observed_data:
+            n = idata.observed_data.sizes.get(DATAPOINT_DIM)
+            if n != a.shape[-1]:
+                raise ValueError(f"log_likelihood {name!r}: {a.shape[-1]} datapoints, observed_data has {n}")
         groups[name] = a
-    extra = az.from_dict(
-        log_likelihood=groups, dims={k: [dim_name] for k in groups}, coords={dim_name: np.arange(a.shape[-1])}
-    )
+    coords = {"chain": post["chain"].values, "draw": post["draw"].values, DATAPOINT_DIM: np.arange(a.shape[-1])}
+    dataset = az.dict_to_dataset(groups, coords=coords, dims={k: [DATAPOINT_DIM] for k in groups})
     if "log_likelihood" in idata.groups():
         del idata.log_likelihood
-    idata.add_groups(log_likelihood=extra.log_likelihood)
+    idata.add_groups(log_likelihood=dataset)
     return idata
 
 

@@ -257,8 +257,8 @@ class DataParallel:
         device (called by the trainer it is given to)."""
         if trainer.step_fn is not None:
             raise ValueError(
-                "a strategy with its own step rule (svi-inner, semi-amortized) cannot run in several processes "
-                "or on a GPU yet; use the strategies svi-local or amortized, or one CPU process"
+                "a strategy with its own step rule (svi-local, svi-inner, semi-amortized) cannot run in several "
+                "processes or on a GPU yet; use the mean-field or amortized guide without a strategy, or one CPU process"
             )
         if not hasattr(type(trainer.objective), "differentiable_loss"):
             raise ValueError(

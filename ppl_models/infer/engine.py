@@ -77,6 +77,7 @@ from ppl_models.infer.failures import (
 from ppl_models.infer.fastpath import FastPath, fast_path_mode, fast_path_status, make_fast_path
 from ppl_models.infer.objectives import make_elbo
 from ppl_models.infer.optim import OPTIMIZER_NAMES, Optimizer, make_optimizer
+from ppl_models.infer.threads import ThreadTuner, check_threads
 from ppl_models.infer.schedules import (
     RunClock,
     make_lr_schedule,
@@ -114,6 +115,7 @@ class FitResult:
     valid_seconds: float = 0.0
     compile_seconds: float = 0.0
     fast_path: str = "off"
+    threads: Optional[dict] = None
 
     def to_metrics(self) -> dict:
         """The run's numbers as JSON (``train.json`` in the run directory); ``valid_share`` = valid / train seconds."""
@@ -121,7 +123,7 @@ class FitResult:
         return {"step": self.step, "epoch": self.epoch, "wall_seconds": self.wall_time,
                 "setup_seconds": self.setup_seconds, "compile_seconds": self.compile_seconds,
                 "train_seconds": self.train_seconds, "valid_seconds": self.valid_seconds, "valid_share": share,
-                "fast_path": self.fast_path}
+                "fast_path": self.fast_path, "threads": self.threads}
 
 
 #: A note at the end of a run whose validation took more than this share of its training time (and >= 30 s).
@@ -172,6 +174,8 @@ class Trainer:
     :param callback: called as ``callback(trainer, step, loss)`` after each step.
     :param step_fn: a strategy's update rule ``step_fn(trainer, args, idx) -> loss`` replacing the joint
         step on every parameter (:mod:`ppl_models.infer.strategies`).
+    :param threads: ``"auto"`` (the default: one thread or all, whichever trains faster now, re-measured as the
+        machine's load changes; :mod:`ppl_models.infer.threads`) or a fixed positive number of threads.
     :param fast_path: ``"auto"`` (the default), ``False`` (Pyro's ELBO every step), ``True``/``"eager"`` or
         ``"compile"``: the objective captured once as a tensor function (:mod:`ppl_models.infer.fastpath`), falling
         back to Pyro's ELBO with a one-line notice when the model, guide or objective is not supported (``"auto"``
@@ -223,10 +227,13 @@ class Trainer:
     valid_every: Optional[int] = None
     setup_start: Optional[float] = None
     valid_loss: Optional[Callable] = None
+    threads: object = "auto"
     early_stopping: Optional[int] = None
 
     def __post_init__(self):
         fast_path_mode(self.fast_path)  # a bad value is an error now, not at the first step
+        check_threads(self.threads)
+        self._tuner: Optional[ThreadTuner] = None
         self._fast: Optional[FastPath] = None
         self.fast_path_off: Optional[str] = None  # why make_fast_path ruled the fast path out
         self._clock = RunClock(self.clock)
@@ -565,9 +572,9 @@ class Trainer:
     # ------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_elbo(self) -> float:
-        """ELBO per datapoint on ``valid``, or on its ``valid_subset`` rows: the same rows and the same random draws
-        (its own generators, seeded from ``seed``) at every validation, so the curve moves with the model alone;
-        training randomness is untouched.  Its time is counted in ``valid_seconds``."""
+        """ELBO per datapoint (or ``valid_loss``'s score) on ``valid``, or on its ``valid_subset`` rows: the same rows
+        and the same random draws (its own generators, seeded from ``seed``) at every validation, so the curve moves
+        with the model alone; training randomness is untouched.  Its time is counted in ``valid_seconds``."""
         started = self.clock()
         rows = self._valid_rows
         n = int(self.valid.num_data) if rows is None else len(rows)
@@ -604,7 +611,10 @@ class Trainer:
         self._setup()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        with catch_signals() as caught:
+        # one thread count for all ranks of a data-parallel job: theirs are fixed
+        tuner = ThreadTuner(self.threads if self.parallel is None else torch.get_num_threads())
+        with catch_signals() as caught, tuner:
+            self._tuner = tuner
             if self.parallel is not None:  # the loop reads what all ranks agreed on, never a rank's own signal
                 caught = self.parallel.agreement(caught)
             while self.epoch < self.num_epochs and not self._done():
@@ -626,7 +636,8 @@ class Trainer:
         result = FitResult(self.history, self.step, self.epoch, end - start_time, self._latest_checkpoint_path(),
                            setup_seconds=first_step - setup_from + compiled, train_seconds=self.train_seconds(),
                            valid_seconds=self._clock.valid_seconds, compile_seconds=compiled,
-                           fast_path=fast_path_status(self))
+                           fast_path=fast_path_status(self, self._fast),
+                           threads=None if self._tuner is None else self._tuner.summary())
         if self.parallel is None or self.parallel.rank == 0:
             share = result.to_metrics()["valid_share"]
             if share > VALID_SHARE_NOTE and result.train_seconds >= 30:
@@ -671,8 +682,11 @@ class Trainer:
                 b = self.batch_in_epoch
                 idx = self.perm[b * self.batch_size : (b + 1) * self.batch_size]
                 args = self.train.batch(idx, self.generator)
+                started = time.perf_counter()  # wall time, for the thread tuner (not the run's clock)
                 with data_rows_named(args, idx):
                     loss = self.train_step(args, idx)
+                if self._tuner is not None:
+                    self._tuner.after_step(time.perf_counter() - started)
                 self.batch_in_epoch += 1
                 per_datapoint = loss / self.num_data
                 self._epoch_loss_sum += per_datapoint
@@ -683,8 +697,9 @@ class Trainer:
                     self.history["log_step"].append(self.step)
                     self.history["log_train_elbo"].append(-self._log_loss_sum / self._log_steps)
                     self.history["log_lr"].append(self.lr * self._optim.lr_factor)
-                    bar.set_postfix_str(f"-ELBO/N {self._log_loss_sum / self._log_steps:.3f}", refresh=False)
                     self._log_loss_sum, self._log_steps = 0.0, 0
+                # the epoch's running mean, as the epoch's line reports it at its end
+                bar.set_postfix_str(f"train ELBO {-self._epoch_loss_sum / self._epoch_steps:.3f}", refresh=False)
                 bar.update(1)
                 if self.valid is not None and self.valid_every is not None and self.step % self.valid_every == 0:
                     self.history["valid_step"].append(self.step)

@@ -57,8 +57,10 @@ from torch.distributions import Bernoulli, Independent
 from torch.nn import functional as F
 
 from ppl_models.infer import diagnostics
+from ppl_models.infer.threads import ThreadTuner
 from ppl_models.atomic import atomic_write_bytes
 from ppl_models.data import TensorDataset
+from ppl_models.registry import unscaled
 from ppl_models.spec import ModelSpec, check_tensor
 
 __all__ = [
@@ -323,6 +325,7 @@ def _log_terms(
         raise ValueError(f"chunk_size: expected a positive integer or None, received {chunk_size!r}")
     if "num_data" in kwargs:
         raise ValueError("num_data: the evaluator calls model and guide with num_data=None (no subsample scaling)")
+    kwargs = {**kwargs, **unscaled(model, guide)}  # a bound model's default num_data would scale the batch
     batch = _batch_size(data, idx)
     if layout is None:
         layout = _inspect(model, guide, data, idx, spec, kwargs)
@@ -458,14 +461,17 @@ class EvalResult:
         return metrics
 
     def to_inference_data(self):
-        """An :class:`arviz.InferenceData`: group ``log_likelihood`` holds the per-datapoint IWAE estimate
-        under the observed site's name, ``sample_stats`` holds ``elbo``, ``recon``, ``kl``, ``pareto_khat``."""
-        return diagnostics.pointwise_inference_data(
-            self.log_likelihood,
-            self.observed_name,
-            extra={"elbo": self.elbo, "recon": self.recon, "kl": self.kl, "pareto_khat": self.pareto_khat},
-            attrs={"model": self.model_name, "num_samples": self.num_samples, "estimator": "iwae"},
-        )
+        """An :class:`arviz.InferenceData` whose group ``vi_evaluation`` holds ``log_likelihood`` (the IWAE
+        estimate), ``elbo``, ``recon``, ``kl`` and ``pareto_khat`` along ``datapoint``: estimates per datapoint,
+        not posterior draws, so no ``posterior``/``log_likelihood`` group that ``az.loo`` or ``az.waic`` would
+        misread (:mod:`ppl_models.infer.diagnostics`)."""
+        k, names = self.num_samples, (*_SUMMED, "pareto_khat")
+        text = (f"IWAE estimate of log p(x_i), K={k}", f"ELBO, K={k}", "E_q log p(x_i | z)", "E_q log q(z | x_i)/p(z)",
+                f"PSIS k-hat of the K={k} weights (NaN, inf: undetermined)")
+        return diagnostics.build_inference_data(
+            vi_evaluation={n: getattr(self, n) for n in names}, dims={n: [diagnostics.DATAPOINT_DIM] for n in names},
+            attrs={"model": self.model_name, "observed": self.observed_name, "num_samples": k, "estimator": "iwae"},
+            descriptions=dict(zip(names, text)))
 
     def save(self, run_dir) -> Dict[str, str]:
         """Write ``metrics.json`` (atomically: a temporary file, then ``os.replace``) and ``eval.nc``.
@@ -481,13 +487,9 @@ class EvalResult:
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, unit="datapoint", desc="evaluate", leave=False)
+    from tqdm.auto import tqdm  # a dependency
+
+    return tqdm(total=total, unit="datapoint", desc="evaluate", leave=False) if enabled else None
 
 
 def evaluate(
@@ -549,7 +551,8 @@ def evaluate(
     layout = None
     rng_context = torch.random.fork_rng(devices=[]) if generator is not None else contextlib.nullcontext()
     try:
-        with rng_context, torch.no_grad():
+        # one thread or all, whichever is faster now (ppl_models.infer.threads): a busy machine costs little
+        with rng_context, torch.no_grad(), ThreadTuner("auto", interval=60.0, probe_steps=1) as tuner:
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
             log_k = math.log(num_samples)
@@ -578,6 +581,7 @@ def evaluate(
                 t2 = time.perf_counter()
                 timings["sampling_s"] += t1 - t0
                 timings["psis_s"] += t2 - t1
+                tuner.after_step(t2 - t0)
                 if bar is not None:
                     bar.update(idx.shape[0])
     finally:

@@ -360,8 +360,8 @@ def make_fast_path(trainer) -> Optional[FastPath]:
     objective = trainer.objective
     name = type(objective).__name__
     reason = None
-    if trainer.step_fn is not None:
-        reason = "a strategy's step rule replaces the joint step"
+    if trainer.step_fn is not None:  # a step rule may say why (strategies.RefinedJointStep.fast_path_off)
+        reason = getattr(trainer.step_fn, "fast_path_off", None) or "a strategy's step rule replaces the joint step"
     elif trainer.validate == "always":
         reason = "validate='always' checks every step through Pyro"
     else:
@@ -376,15 +376,15 @@ def make_fast_path(trainer) -> Optional[FastPath]:
                     planned_steps=max(0, total - trainer.step))
 
 
-def fast_path_status(trainer) -> str:
-    """The path an engine :class:`~ppl_models.infer.engine.Trainer`'s training steps take (its run's record):
+def fast_path_status(trainer, fast: Optional[FastPath]) -> str:
+    """The path an engine :class:`~ppl_models.infer.engine.Trainer`'s training steps take, ``fast`` being its
+    fast path (``None``: none was set up) — the run's record:
     ``"compile"``, ``"eager"`` (with the reason when another mode was asked for) or ``"off: <reason>"``."""
     mode = fast_path_mode(trainer.fast_path)
     if mode is None:
         return "off: fast_path = false"
     if trainer.parallel is not None:
         return "off: several processes or a GPU"
-    fast = trainer._fast
     if fast is None:
         return f"off: {getattr(trainer, 'fast_path_off', None) or 'not set up yet'}"
     if fast.disabled is not None:
@@ -409,6 +409,8 @@ class CapturedTerms(CapturedPrograms):
 
     :param mode: ``"eager"`` or ``"compile"``.
     """
+
+    compiling_notice = "compiling the captured evaluation with inductor (first batch only) ..."
 
     def __init__(self, mode: str = "compile", notice: Callable[[str], None] = notice_stderr):
         if mode not in ("eager", "compile"):

@@ -87,6 +87,9 @@ __all__ = [
     "RefiningGuide",
     "LocalStep",
     "StopGradientStep",
+    "RefinedJointStep",
+    "INNER_LOOP_STRATEGIES",
+    "step_rule",
     "make_strategy",
     "inference_guide",
 ]
@@ -95,6 +98,9 @@ STRATEGIES = ("svi-local", "svi-inner", "amortized", "semi-amortized")
 REFINE_GRADS = ("stop", "end-to-end")
 INNER_OPTIMIZERS = ("sgd", "adam")
 INNER_USES = ("svi-inner", "semi-amortized", "test")
+#: Strategies whose step optimizes λ inside it (an inner loop): not one ELBO evaluation, so neither the fast path
+#: (which captures one) nor data-parallel training (which splits one) applies; each says so (a notice, an error).
+INNER_LOOP_STRATEGIES = ("svi-inner", "semi-amortized")
 #: svi-local's step size for its stored λ_i (SparseAdam), measured: see the module docstring.
 LOCAL_LR = 0.1
 
@@ -349,6 +355,28 @@ class StopGradientStep:
             p.grad = g
         trainer._optim.step()
         return value
+
+
+class RefinedJointStep:
+    r"""The step of ``svi-inner`` and end-to-end ``semi-amortized``: the guide (a :class:`RefiningGuide`) fits
+    :math:`\lambda` for the batch inside the ELBO's trace, then the engine's joint optimizer step.  An explicit step
+    rule although it ends in the joint step: its inner loop is no single ELBO evaluation, so the engine neither
+    captures it (the fast path: one notice, ``fast_path_off``) nor splits it over processes (one error)."""
+
+    def __init__(self, guide: "RefiningGuide"):
+        self.fast_path_off = (f"the guide optimizes λ for each batch inside the step ({guide.num_steps} inner "
+                              f"{guide.loop.optimizer} steps)")
+
+    def __call__(self, trainer, args, idx) -> float:
+        return trainer._train_step(args, idx)
+
+
+def step_rule(guide: Callable, step: Optional[Callable]) -> Optional[Callable]:
+    r"""The engine's ``step_fn`` for a strategy's ``(guide, step)`` (:func:`make_strategy`): ``step``, or a
+    :class:`RefinedJointStep` when the guide refines :math:`\lambda` inside each step; ``None``: the joint step."""
+    if step is None and isinstance(guide, RefiningGuide):
+        return RefinedJointStep(guide)
+    return step
 
 
 def make_strategy(name: str, model: Callable, instance_guide: Callable, spec: ModelSpec,

@@ -173,7 +173,10 @@ def plot_alignments(net: AlignmentNet, dataset, path, *, guide_modules: Optional
                     title: str = ""):
     """PNG: for each sentence pair in ``rows``, the prior p(z_t | x, y_<t), the posterior p(z_t | x, y) and, with an
     inference network, q(z_t | x, y), side by side (target steps down, source positions across; grey scale from 0 to
-    each panel's largest probability)."""
+    each panel's largest probability); tokens are shown with HTML entities (``&apos;`` in the Europarl/Hansards
+    files) unescaped."""
+    import html
+
     from ppl_models.tasks.plots import plt, save_figure
 
     rows = [r for r in rows if r < dataset.num_data]
@@ -185,10 +188,12 @@ def plot_alignments(net: AlignmentNet, dataset, path, *, guide_modules: Optional
     q_logits = _guide_q_logits(guide_modules, out["states"], tgt, tgt_lengths)
     if q_logits is not None:
         panels.append(("inference network q(z | x, y)", q_logits))
-    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.2 * len(panels), 3.6 * len(rows)), squeeze=False)
+    # constrained layout keeps each colorbar and its labels clear of the next panel's token labels
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.6 * len(panels), 3.8 * len(rows)), squeeze=False,
+                             layout="constrained")
     for r, i in enumerate(rows):
-        s_tok = dataset.src_vocab.decode(dataset.src[i], strip_specials=False)
-        t_tok = dataset.tgt_vocab.decode(dataset.tgt[i], strip_specials=False)
+        s_tok = [html.unescape(t) for t in dataset.src_vocab.decode(dataset.src[i], strip_specials=False)]
+        t_tok = [html.unescape(t) for t in dataset.tgt_vocab.decode(dataset.tgt[i], strip_specials=False)]
         for c, (name, logits) in enumerate(panels):
             ax = axes[r][c]
             probs = logits[r, : len(t_tok), : len(s_tok)].exp().numpy()
@@ -197,7 +202,7 @@ def plot_alignments(net: AlignmentNet, dataset, path, *, guide_modules: Optional
             ax.set_yticks(range(len(t_tok)), t_tok, fontsize=7)
             if r == 0:
                 ax.set_title(name, fontsize=9)
-            fig.colorbar(image, ax=ax, fraction=0.04)
+            fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
     fig.suptitle(title or f"alignments ({net.variant})")
     return save_figure(fig, path)
 

@@ -29,6 +29,7 @@ __all__ = [
     "plot_elbo_curves",
     "plot_image_grid",
     "is_image_model",
+    "note_in_panel",
     "prior_means",
     "reconstruction_means",
     "save_figure",
@@ -44,6 +45,12 @@ def save_figure(fig, path: Path) -> Path:
     plt.close(fig)
     atomic_write_bytes(Path(path), lambda f: f.write(buffer.getvalue()))
     return Path(path)
+
+
+def note_in_panel(ax, text: str) -> None:
+    """Write ``text`` in the middle of the panel ``ax`` (why it holds no data, or what part is missing)."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, wrap=True, transform=ax.transAxes,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"})
 
 
 def plot_elbo_curves(history: Dict[str, list], path: Path, title: str = "") -> Path:

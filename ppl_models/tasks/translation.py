@@ -4,18 +4,18 @@ decoding and corpus BLEU, for the alignment task's evaluation (:func:`ppl_models
 * :func:`greedy_decode`, :func:`beam_decode` — left to right with :meth:`ppl_models.alignment.AlignmentNet.step`
   (input feeding included), :math:`\log p(y_t \mid x, y_{<t})` of each variant: soft attention's softmax, or the
   latent variants' sum over the alignment :math:`\sum_i p(z_t = i)\, p(y_t \mid z_t = i)`;
-* :func:`corpus_bleu` — corpus BLEU (Papineni et al. 2002), one reference, on tokens;
+* :func:`corpus_bleu` — corpus BLEU (Papineni et al. 2002), one reference, on tokens, by sacreBLEU (its signature:
+  :func:`bleu_signature`);
 * :func:`translate_split` — both on a split, its BLEU and a few examples.
 
 References:
     Papineni, Roukos, Ward & Zhu (2002), BLEU: a Method for Automatic Evaluation of Machine Translation.
+    Post (2018), A Call for Clarity in Reporting BLEU Scores (sacreBLEU).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch
 from ppl_models.alignment import AlignmentNet
 from ppl_models.atomic import atomic_write_bytes
 
-__all__ = ["greedy_decode", "beam_decode", "corpus_bleu", "translate_split"]
+__all__ = ["greedy_decode", "beam_decode", "corpus_bleu", "bleu_signature", "translate_split"]
 
 
 def _eval_batches(dataset, batch_size: int):
@@ -108,45 +108,57 @@ def beam_decode(net: AlignmentNet, src, src_length: int, beam_size: int = 5, max
     return best[0]
 
 
+def _bleu(max_n: int = 4):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize="none", max_ngram_order=max_n)  # the text is tokenized already
+
+
 def corpus_bleu(hypotheses, references, max_n: int = 4) -> float:
-    """Corpus BLEU (Papineni et al. 2002) in percent, one reference per sentence, no smoothing, on token lists."""
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        hyp_len += len(hyp)
-        ref_len += len(ref)
-        for n in range(1, max_n + 1):
-            h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
-            r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += max(0, len(hyp) - n + 1)
-    if min(matches) == 0 or hyp_len == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = min(0.0, 1.0 - ref_len / hyp_len)
-    return 100.0 * math.exp(log_precision + brevity)
+    """Corpus BLEU (Papineni et al. 2002) in percent, one reference per sentence, on token lists (ids or strings),
+    computed by sacreBLEU (Post 2018) on the tokens joined by spaces: ``tokenize="none"``, its default exponential
+    smoothing (which changes nothing unless some n-gram order has no match in the whole corpus); the signature
+    that papers report is :func:`bleu_signature`."""
+    hyps = [" ".join(map(str, h)) for h in hypotheses]
+    refs = [[" ".join(map(str, r)) for r in references]]
+    return float(_bleu(max_n).corpus_score(hyps, refs).score)
+
+
+def bleu_signature(max_n: int = 4) -> str:
+    """sacreBLEU's signature of :func:`corpus_bleu`, e.g. ``nrefs:1|case:mixed|eff:no|tok:none|smooth:exp|version:2.6.0``."""
+    bleu = _bleu(max_n)
+    bleu.corpus_score(["a"], [["a"]])  # the reference count enters the signature once a score was computed
+    return str(bleu.get_signature())
 
 
 @torch.no_grad()
 def translate_split(net: AlignmentNet, dataset, path=None, *, beam_size: int = 5, num_beam: int = 100,
-                    batch_size: int = 64) -> dict:
+                    batch_size: int = 64, progress: bool = True) -> dict:
     """Greedy translations of the whole split and beam search on its first ``num_beam`` sentences; corpus BLEU of
-    both (against the one reference, on tokens, ``<unk>`` counted as a token); the first 20 written to ``path``."""
+    both (against the one reference, on tokens, ``<unk>`` counted as a token); the first 20 written to ``path``.
+    ``progress``: a bar per decoding pass (on stderr)."""
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
     vocab = dataset.tgt_vocab
     greedy = [None] * dataset.num_data
-    for idx in _eval_batches(dataset, batch_size):
-        src, src_lengths, _, _ = dataset.batch(idx)
-        for i, hyp in zip(idx.tolist(), greedy_decode(net, src, src_lengths, eos_index=vocab.eos_index)):
-            greedy[i] = hyp
+    with tqdm(total=dataset.num_data, desc="greedy decoding", unit="sent", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for idx in _eval_batches(dataset, batch_size):
+            src, src_lengths, _, _ = dataset.batch(idx)
+            for i, hyp in zip(idx.tolist(), greedy_decode(net, src, src_lengths, eos_index=vocab.eos_index)):
+                greedy[i] = hyp
+            bar.update(len(idx))
     n_beam = min(num_beam, dataset.num_data)
     beam = [beam_decode(net, torch.tensor(dataset.src[i]), len(dataset.src[i]), beam_size, eos_index=vocab.eos_index)
-            for i in range(n_beam)]
+            for i in tqdm(range(n_beam), desc=f"beam search ({beam_size})", unit="sent", disable=not progress,
+                          leave=False, dynamic_ncols=True)]
     refs = [t[:-1] for t in dataset.tgt]
     out = {
         "bleu_greedy": corpus_bleu(greedy, refs),
         "bleu_beam": corpus_bleu(beam, refs[:n_beam]),
         "bleu_greedy_same_sentences": corpus_bleu(greedy[:n_beam], refs[:n_beam]),
+        "bleu_signature": bleu_signature(),
         "beam_size": beam_size,
         "num_beam_sentences": n_beam,
         "decode_wall_time_s": time.perf_counter() - start,

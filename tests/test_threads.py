@@ -1,0 +1,107 @@
+"""The engine's thread tuner: one thread or all, whichever trains faster, restored when the run ends.
+
+Speeds are simulated (the step times fed to the tuner and its clock are given), so no test depends on the
+machine's load or speed."""
+
+import pytest
+import torch
+
+from ppl_models.infer.threads import ThreadTuner, check_threads
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def drive(tuner, clock, step_time, steps):
+    """Feed ``steps`` steps whose duration is ``step_time[threads]``; returns the thread count of each step."""
+    used = []
+    for _ in range(steps):
+        n = torch.get_num_threads()
+        used.append(n)
+        clock.t += step_time[n]
+        tuner.after_step(step_time[n])
+    return used
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_auto_trains_with_the_faster_count_and_probes_again(two_threads, faster):
+    clock = FakeClock()
+    times = {1: 0.01, 2: 0.02} if faster == 1 else {1: 0.02, 2: 0.01}
+    with ThreadTuner("auto", interval=1.0, probe_steps=4, clock=clock) as tuner:
+        assert tuner.candidates == [1, 2]
+        used = drive(tuner, clock, times, 10)  # probe: 1 + 4 steps at each count
+        assert used == [1] * 5 + [2] * 5
+        assert torch.get_num_threads() == faster
+        used = drive(tuner, clock, times, 200)
+        assert used[-1] == faster and tuner.switches == 0
+        assert 0.8 < sum(u == faster for u in used) / len(used) < 1  # it probes again after each interval
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_auto_follows_a_change_of_load(two_threads):
+    clock = FakeClock()
+    with ThreadTuner("auto", interval=1.0, probe_steps=4, clock=clock) as tuner:
+        drive(tuner, clock, {1: 0.02, 2: 0.01}, 100)  # idle: two threads win
+        assert torch.get_num_threads() == 2
+        drive(tuner, clock, {1: 0.02, 2: 0.08}, 200)  # busy: one thread wins from the next probe
+        assert torch.get_num_threads() == 1 and tuner.switches == 1
+        assert tuner.summary() == {"threads": 1, "candidates": [1, 2], "switches": 1, "policy": "auto"}
+
+
+def test_a_fixed_count_is_used_and_restored(two_threads):
+    with ThreadTuner(1) as tuner:
+        assert torch.get_num_threads() == 1 and not tuner.active
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "fast", True, None])
+def test_bad_values_name_the_setting(bad):
+    with pytest.raises(ValueError, match=r"threads: expected \"auto\" or a positive integer, received"):
+        check_threads(bad)
+
+
+def test_the_engine_reports_and_restores_threads(two_threads):
+    import pyro
+    import pyro.distributions as dist
+
+    from ppl_models.data import TensorDataset
+    from ppl_models.infer import fit
+
+    def model(x, idx=None, num_data=None):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", num_data or len(x), subsample=idx):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x, idx=None, num_data=None):
+        pass
+
+    result = fit(model, guide, TensorDataset(torch.randn(64)), batch_size=16, num_epochs=1, progress=False,
+                 threads=1, fast_path=False)
+    assert result.threads == {"threads": 1, "candidates": [1], "switches": 0, "policy": 1}
+    assert result.to_metrics()["threads"]["threads"] == 1
+    assert torch.get_num_threads() == 2
+
+
+
+
+def test_more_threads_must_be_clearly_faster(two_threads):
+    """Two threads 5 % faster is within the margin: one thread is kept (a wrong "more" costs far more)."""
+    clock = FakeClock()
+    with ThreadTuner("auto", interval=1.0, probe_steps=4, margin=1.1, clock=clock) as tuner:
+        drive(tuner, clock, {1: 0.0200, 2: 0.0190}, 10)
+        assert torch.get_num_threads() == 1
+        drive(tuner, clock, {1: 0.0200, 2: 0.0150}, 200)  # 25 % faster: chosen at the next probe
+        assert torch.get_num_threads() == 2
