@@ -95,9 +95,21 @@ def initial_weights(encoder, decoder) -> None:
     decoder.load_state_dict(inst.modules["decoder"].state_dict())
 
 
-def train_hand(budget: float, out: Path) -> None:
+def hand_loss(encoder, decoder, x, scale: float = 1.0):
+    """The hand-written step's objective: -ELBO of the batch ``x`` (analytic KL), times ``scale`` (N/B)."""
     import torch
     import torch.nn.functional as F
+
+    z_loc, z_scale = encoder(x)
+    z = z_loc + z_scale * torch.randn_like(z_loc)
+    log_px = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum")
+    kl = 0.5 * (z_loc.pow(2) + z_scale.pow(2) - 1).sum() - z_scale.log().sum()
+    return -(log_px - kl) * scale
+
+
+def train_hand(budget: float | None, max_steps: int | None, out: Path) -> None:
+    """Train until ``budget`` seconds have passed (from the first step) or after ``max_steps`` steps."""
+    import torch
 
     from ppl_models.data.mnist import train_valid_test_images
 
@@ -111,21 +123,21 @@ def train_hand(budget: float, out: Path) -> None:
     gen = torch.Generator().manual_seed(SEED)
     setup = time.perf_counter() - t0
     steps, start = 0, time.perf_counter()
-    deadline = start + budget
-    while time.perf_counter() < deadline:
+    deadline = None if budget is None else start + budget
+
+    def done() -> bool:
+        return (max_steps is not None and steps >= max_steps) or (deadline is not None and time.perf_counter() >= deadline)
+
+    while not done():
         perm = torch.randperm(n, generator=gen)
         for b in range(n // BATCH):
             x = torch.bernoulli(x_train[perm[b * BATCH:(b + 1) * BATCH]], generator=gen)
-            z_loc, z_scale = encoder(x)
-            z = z_loc + z_scale * torch.randn_like(z_loc)
-            log_px = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum")
-            kl = 0.5 * (z_loc.pow(2) + z_scale.pow(2) - 1).sum() - z_scale.log().sum()
-            loss = -(log_px - kl) * (n / BATCH)
+            loss = hand_loss(encoder, decoder, x, n / BATCH)
             optim.zero_grad()
             loss.backward()
             optim.step()
             steps += 1
-            if time.perf_counter() >= deadline:
+            if done():
                 break
     train_seconds = time.perf_counter() - start
     torch.save({"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "steps": steps,
@@ -133,15 +145,17 @@ def train_hand(budget: float, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the engine (the README command)
-def train_engine(budget: float, out: Path, threads: int | None) -> None:
-    """The main job as the README runs it, with a training budget and no evaluation; its networks to ``out``."""
+def train_engine(budget: float | None, max_steps: int | None, out: Path, threads: int | None) -> None:
+    """The main job as the README runs it, with a training budget (seconds, or steps) and no evaluation; its
+    networks to ``out``."""
     import torch
 
     from ppl_models.infer.checkpoint import list_checkpoints, load_checkpoint
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     cmd = [sys.executable, "-m", "ppl_models", "fit", str(CONFIG), "--run-dir", str(run_dir / "run"),
-           "--no-evaluate", "--no-progress", "-o", f"train.time_limit={budget}", "-o", "train.num_epochs=100000",
+           "--no-evaluate", "--no-progress", "-o", "train.num_epochs=100000",
+           "-o", f"train.time_limit={budget}" if budget is not None else f"train.max_steps={max_steps}",
            "-o", "output.plots=false"]
     env = dict(os.environ)
     if threads is not None:
@@ -161,7 +175,7 @@ def train_engine(budget: float, out: Path, threads: int | None) -> None:
         if (run_dir / "run" / name).is_file():
             metrics = json.loads((run_dir / "run" / name).read_text())
     torch.save({"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "steps": state["step"],
-                "wall_seconds": wall, "train_seconds": metrics.get("train_seconds", budget),
+                "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
                 "setup_seconds": metrics.get("setup_seconds"), "stderr_tail": proc.stderr[-600:]}, out)
 
 
@@ -213,21 +227,26 @@ def child(args) -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        train_hand(args.budget, out)
+        train_hand(args.budget, args.max_steps, out)
     else:
-        train_engine(args.budget, out, args.threads)
+        train_engine(args.budget, args.max_steps, out, args.threads)
+
+
+def describe(args) -> str:
+    return f"{args.max_steps} steps" if args.max_steps is not None else f"{args.budget:g} s"
 
 
 def run_child(kind: str, args, threads: int | None) -> dict:
     import torch
 
     out = Path(tempfile.mkdtemp(prefix="bench_quality_")) / f"{kind}.pt"
-    cmd = [sys.executable, __file__, "--child", kind, "--child-out", str(out), "--budget", str(args.budget)]
+    cmd = [sys.executable, __file__, "--child", kind, "--child-out", str(out),
+           *(["--max-steps", str(args.max_steps)] if args.max_steps is not None else ["--budget", str(args.budget)])]
     env = dict(os.environ)
     if threads is not None:
         cmd += ["--threads", str(threads)]
         env["OMP_NUM_THREADS"] = str(threads)
-    print(f"[{kind}{'' if threads is None else f', {threads} thread'}] training for {args.budget:g} s ...",
+    print(f"[{kind}{'' if threads is None else f', {threads} thread'}] training for {describe(args)} ...",
           file=sys.stderr, flush=True)
     subprocess.run(cmd, env=env, check=True)
     return torch.load(out)
@@ -240,11 +259,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-test", type=int, default=10000, help="test images evaluated (the first ones)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both (default: torch's)")
     parser.add_argument("--load", type=int, default=0, help="busy processes running during the benchmark")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="a budget in steps instead of seconds (the same for both; tests use it)")
     parser.add_argument("--quick", action="store_true", help="20 s budget, IWAE-100 on 500 images")
     parser.add_argument("--json", help="also write the JSON line to this file")
     parser.add_argument("--child", choices=("hand", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_steps is not None:  # a budget in steps replaces the one in seconds
+        args.budget = None
     if args.child:
         return child(args)
     if args.quick:
@@ -272,17 +295,19 @@ def main(argv=None) -> dict:
     diff = nll["engine"] - nll["hand"]
     se = lambda v: float(v.std() / math.sqrt(len(v)))  # noqa: E731
     rate = {k: r["steps"] / r["train_seconds"] for k, r in runs.items()}
-    print(f"\nbudget {args.budget:g} s training each; IWAE-{args.num_samples}, first {args.num_test} test images; "
+    print(f"\nbudget {describe(args)} of training each; IWAE-{args.num_samples}, first {args.num_test} test images; "
           f"threads {args.threads or torch.get_num_threads()}; busy processes {args.load}")
     print(f"{'':34s} {'NLL (nats)':>16s} {'steps':>8s} {'steps/s':>8s}")
     for name, label in (("engine", "engine (README main job)"), ("hand", "hand-written eager PyTorch")):
         print(f"{label:34s} {nll[name].mean():9.2f} ± {se(nll[name]):4.2f} {runs[name]['steps']:8d} {rate[name]:8.1f}")
     print(f"{'engine - hand-written':34s} {diff.mean():9.2f} ± {se(diff):4.2f}   (paired over images)")
     result = {
-        "budget_s": args.budget, "num_samples": args.num_samples, "num_test": args.num_test, "load": args.load,
+        "budget_s": None if args.max_steps is not None else args.budget, "max_steps": args.max_steps,
+        "num_samples": args.num_samples, "num_test": args.num_test, "load": args.load,
         "nll_engine": round(float(nll["engine"].mean()), 3), "nll_engine_se": round(se(nll["engine"]), 3),
         "nll_hand": round(float(nll["hand"].mean()), 3), "nll_hand_se": round(se(nll["hand"]), 3),
         "diff": round(float(diff.mean()), 3), "diff_se": round(se(diff), 3),
+        "steps_engine": int(runs["engine"]["steps"]), "steps_hand": int(runs["hand"]["steps"]),
         "steps_per_s_engine": round(rate["engine"], 2), "steps_per_s_hand": round(rate["hand"], 2),
         "setup_s_engine": runs["engine"].get("setup_seconds"), "wall_s_engine": round(runs["engine"]["wall_seconds"], 1),
     }

@@ -33,7 +33,12 @@ CONFIG, BASELINE_CONFIG = CONFIGS / "cvae_mnist.toml", CONFIGS / "cvae_mnist_bas
 PYRO_TABLE = {"baseline": {1: 100.4, 2: 61.9, 3: 25.4}, "cvae": {1: 71.8, 2: 51.0, 3: 24.2}}
 
 
-def _overrides(args, q: int, time_limit: float) -> dict:
+def seconds_or_none(text: str):
+    """``--*-time``: seconds, or ``none`` for no time limit (a budget in epochs only, as tests use)."""
+    return None if text.lower() == "none" else float(text)
+
+
+def _overrides(args, q: int, time_limit) -> dict:
     out = {"model.num_quadrant_inputs": q, "data.num_quadrant_inputs": q, "train.seed": args.seed,
            "train.time_limit": time_limit, "train.progress": not args.no_progress}
     for flag, key in (("num_epochs", "train.num_epochs"), ("limit_train", "data.limit_train"),
@@ -106,8 +111,10 @@ if __name__ == "__main__":
     parser.add_argument("--num-quadrant-inputs", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--baseline-config", default=str(BASELINE_CONFIG))
-    parser.add_argument("--baseline-time", type=float, default=150.0, help="seconds of baseline training per setting")
-    parser.add_argument("--cvae-time", type=float, default=540.0, help="seconds of CVAE training per setting")
+    parser.add_argument("--baseline-time", type=seconds_or_none, default=150.0,
+                        help="seconds of baseline training per setting ('none': --num-epochs alone bounds it)")
+    parser.add_argument("--cvae-time", type=seconds_or_none, default=540.0,
+                        help="seconds of CVAE training per setting ('none': --num-epochs alone bounds it)")
     parser.add_argument("--num-epochs", type=int, default=None,
                         help="default: the configs' (50; the time limit stops first)")
     parser.add_argument("--num-samples", type=int, default=64, help="importance samples K for the CVAE's CLL")

@@ -90,16 +90,17 @@ def test_evaluation_benchmark_quick_run_reports_json(shared_data):
 
 @pytest.mark.slow
 def test_quality_benchmark_compares_the_main_job_with_plain_pytorch(shared_data, tmp_path):
-    """A tiny budget: both children train, one evaluator scores both; the JSON's difference is the paired
-    difference of the two NLLs it reports, over the images asked for."""
+    """A budget of a few steps (not seconds): both children train exactly that many, one evaluator scores both;
+    the JSON's difference is the paired difference of the two NLLs it reports, over the images asked for."""
     out = tmp_path / "quality.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_quality.py"), "--budget", "3", "--num-samples", "5",
+        [sys.executable, str(REPO / "benchmarks" / "bench_quality.py"), "--max-steps", "20", "--num-samples", "5",
          "--num-test", "40", "--json", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PPL_MODELS_DATA": str(shared_data)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["num_test"] == 40 and result["num_samples"] == 5 and result["budget_s"] == 3.0
+    assert result["num_test"] == 40 and result["num_samples"] == 5 and result["max_steps"] == 20
+    assert result["steps_engine"] == result["steps_hand"] == 20
     assert result["diff"] == pytest.approx(result["nll_engine"] - result["nll_hand"], abs=2e-3)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == result

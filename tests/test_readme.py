@@ -164,7 +164,7 @@ EXAMPLES = {
              (["examples/ppca.py", "--num-epochs", "1", "--num-samples", "4", "--run-dir", "runs/ppca_example",
                "--no-progress"], None)],
     "cvae_mnist": [(["examples/cvae_mnist.py", "--num-quadrant-inputs", "2", "--num-epochs", "1", "--baseline-time",
-                     "30", "--cvae-time", "30", "--limit-train", "128", "--limit-test", "8", "--num-samples", "2",
+                     "none", "--cvae-time", "none", "--limit-train", "128", "--limit-test", "8", "--num-samples", "2",
                      "--z-dim", "2", "--hidden-dims", "16", "--no-progress"], None)],
     "compare_estimators": [(["examples/compare_estimators.py", "--config", "examples/configs/compare_estimators.toml",
                              *compare_small_overrides(), "--no-progress"], None)],

@@ -30,7 +30,7 @@ def test_constant_schedule_is_one_everywhere():
     schedule = make_lr_schedule("constant")
     assert schedule.is_constant
     assert [schedule(s, 100) for s in (0, 1, 50, 99, 150)] == [1.0] * 5
-    assert schedule(7, 100, seconds=9.0, time_limit=10.0) == 1.0
+    assert schedule(7, 100, seconds=9.0, time_limit=10.0) == 1.0  # seconds are given values, not a clock
 
 
 def test_step_schedule_is_burdas_on_a_3280_epoch_run():
