@@ -3,8 +3,9 @@ r"""The lecture's deep generative model of MNIST digits (a VAE's decoder).
 Generative story, for each datapoint :math:`i = 1, \dots, N`:
 
 1. :math:`z^{(i)} \sim \mathcal{N}(0, I_{z\_dim})`
-2. :math:`h^{(i)} = \mathrm{MLP}_\theta(z^{(i)})`, ReLU hidden layers of sizes ``hidden_dims``
-   (the lecture's :math:`h = \mathrm{ReLU}(W_1 z)` is ``hidden_dims=(400,)``)
+2. :math:`h^{(i)} = \mathrm{MLP}_\theta(z^{(i)})`, hidden layers of sizes ``hidden_dims`` with
+   ``activation`` ReLU (the lecture's :math:`h = \mathrm{ReLU}(W_1 z)` is ``hidden_dims=(400,)``) or tanh
+   (Burda et al. 2016's networks)
 3. :math:`x^{(i)} \sim \mathrm{Bernoulli}(\sigma(W_2 h^{(i)} + b_2))`, independently per pixel
 
 Guides are in :mod:`ppl_models.guides.vae`: an amortized MLP encoder (the VAE) and a
@@ -14,6 +15,7 @@ References:
     Kingma & Welling (2014), Auto-Encoding Variational Bayes.
     Rezende, Mohamed & Wierstra (2014), Stochastic Backpropagation and
     Approximate Inference in Deep Generative Models.
+    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders (tanh networks, section 5).
     Pyro ``examples/vae/vae.py``; NumPyro ``examples/vae.py``.
 """
 
@@ -33,12 +35,22 @@ from ppl_models.spec import LatentSite, ModelSpec, ObservedSite, check_tensor, d
 __all__ = ["Decoder", "model", "make_spec", "build"]
 
 
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers of the given sizes with ReLU between them (none after the last)."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, received {activation!r}")
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Linear layers of the given sizes with ``activation`` (``"relu"`` or ``"tanh"``) between them (none
+    after the last)."""
+    check_activation(activation)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         if i > 0:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
 
@@ -49,10 +61,11 @@ class Decoder(nn.Module):
     Input ``z``: ``(..., z_dim)``; output logits: ``(..., x_dim)``.
     """
 
-    def __init__(self, z_dim: int = 20, hidden_dims: Sequence[int] = (400,), x_dim: int = 784):
+    def __init__(self, z_dim: int = 20, hidden_dims: Sequence[int] = (400,), x_dim: int = 784,
+                 activation: str = "relu"):
         super().__init__()
         self.z_dim, self.x_dim = z_dim, x_dim
-        self.net = mlp([z_dim, *hidden_dims, x_dim])
+        self.net = mlp([z_dim, *hidden_dims, x_dim], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -85,9 +98,11 @@ def model(x: torch.Tensor, idx: torch.Tensor | None = None, *, decoder: Decoder,
         pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
 
 
-def build(z_dim: int = 20, hidden_dims: Sequence[int] = (400,), x_dim: int = 784) -> ModelParts:
-    """The declared structure and the networks (``decoder``) for given sizes."""
-    return ModelParts(spec=make_spec(z_dim, x_dim), modules={"decoder": Decoder(z_dim, hidden_dims, x_dim)})
+def build(z_dim: int = 20, hidden_dims: Sequence[int] = (400,), x_dim: int = 784,
+          activation: str = "relu") -> ModelParts:
+    """The declared structure and the networks (``decoder``) for given sizes and hidden ``activation``."""
+    return ModelParts(spec=make_spec(z_dim, x_dim),
+                      modules={"decoder": Decoder(z_dim, hidden_dims, x_dim, activation)})
 
 
 register_model("vae", model=model, build=build)

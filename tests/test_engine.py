@@ -164,6 +164,15 @@ def test_unknown_model_guide_and_hyperparameter():
         pm.instantiate("vae", "amortized", num_data=10, model_kwargs={"zdim": 3})
 
 
+def test_the_vae_activation_is_relu_or_tanh():
+    inst = pm.instantiate("vae", "amortized", num_data=10, model_kwargs={**SMALL_VAE, "activation": "tanh"},
+                          guide_kwargs={"hidden_dims": [16], "activation": "tanh"})
+    kinds = {type(m).__name__ for name in ("decoder", "encoder") for m in inst.modules[name].modules()}
+    assert "Tanh" in kinds and "ReLU" not in kinds
+    with pytest.raises(ValueError, match=r"activation: expected one of \['relu', 'tanh'\], received 'gelu'"):
+        pm.instantiate("vae", "amortized", num_data=10, model_kwargs={**SMALL_VAE, "activation": "gelu"})
+
+
 @pytest.mark.parametrize(
     "x, message",
     [

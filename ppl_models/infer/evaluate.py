@@ -54,8 +54,8 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Bernoulli, Independent
-from torch.nn import functional as F
 
+from ppl_models.distributions import BINARY_DTYPES, binary_bernoulli_log_prob
 from ppl_models.infer import diagnostics
 from ppl_models.infer.threads import ThreadTuner
 from ppl_models.atomic import atomic_write_bytes
@@ -95,32 +95,12 @@ _SUMMED = ("log_likelihood", "elbo", "recon", "kl")
 # ---------------------------------------------------------------------------------------------------------
 
 
-#: Softplus returns its input above this threshold; exp(-threshold) is below half an ulp of the threshold.
-_SOFTPLUS_THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}
-
-
-def _binary_bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor, event_dims: int) -> torch.Tensor:
-    r""":math:`-\sum_{event} \mathrm{softplus}((1 - 2v)\,\ell)` for binary :math:`v \in \{0, 1\}`: the same
-    number as ``Independent(Bernoulli(logits=ℓ), event_dims).log_prob(v)`` (:math:`\log\sigma(\ell)` for
-    :math:`v = 1`, :math:`\log\sigma(-\ell)` for :math:`v = 0`, each to rounding and without cancellation)
-    in three passes over the logits instead of torch's six, which also materialize the broadcast ``1 - v``.
-
-    :param logits: shape ``batch_shape + event_shape``, float32 or float64.
-    :param value: zeros and ones, shape broadcastable to the logits' (typically ``(batch,) + event_shape``
-        against ``(chunk, batch) + event_shape``).
-    :return: shape ``batch_shape`` (the broadcast of both leading shapes).
-    """
-    sign = 1.0 - 2.0 * value  # small: the value's own shape
-    signed = logits * sign
-    signed = F.softplus(signed, beta=1.0, threshold=_SOFTPLUS_THRESHOLD[signed.dtype])
-    return signed.sum(tuple(range(-event_dims, 0))).neg_()
-
-
-def _site_log_prob(site: dict) -> torch.Tensor:
+def _site_log_prob(site: dict, grouped: bool = False) -> torch.Tensor:
     """``site["fn"].log_prob(site["value"])`` with the site's mask applied (never its scale).
 
     ``Independent(Bernoulli(logits=...))`` sites with binary values take an exact faster path
-    (:func:`_binary_bernoulli_log_prob`, 3.8 instead of 5.5 µs per 784-pixel row on one core).
+    (:func:`~ppl_models.distributions.binary_bernoulli_log_prob`, 3.8 instead of 5.5 µs per 784-pixel row on
+    one core; ``grouped``: its form for compiled graphs).
     """
     fn, value = site["fn"], site["value"]
     base, event_dims, plain = fn, 0, True
@@ -133,13 +113,13 @@ def _site_log_prob(site: dict) -> torch.Tensor:
         and event_dims > 0
         and type(base).log_prob is Bernoulli.log_prob
         and "logits" in base.__dict__  # built from logits (lazy_property caches it in __dict__)
-        and base.logits.dtype in _SOFTPLUS_THRESHOLD
+        and base.logits.dtype in BINARY_DTYPES
         and value.dtype == base.logits.dtype
         and bool(((value == 0) | (value == 1)).all())  # ~0.2 ms a chunk: the signed form is exact only then
     ):
         if base._validate_args:
             base._validate_sample(value)
-        log_p = _binary_bernoulli_log_prob(base.logits, value, event_dims)
+        log_p = binary_bernoulli_log_prob(base.logits, value, event_dims, grouped)
     else:
         log_p = fn.log_prob(value)
     mask = site["mask"]
@@ -292,13 +272,16 @@ def _batch_size(data: tuple, idx) -> int:
 
 
 def _chunk_terms(model: Callable, guide: Callable, data: tuple, idx, *, size: int, batch: int, layout: _Layout,
-                 kwargs: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log p(x | z), log p(z), log q(z | x))``, each ``(size, batch)``, for ``size`` draws per datapoint."""
+                 kwargs: dict, grouped: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p(x | z), log p(z), log q(z | x))``, each ``(size, batch)``, for ``size`` draws per datapoint
+    (``grouped``: the binary Bernoulli densities in their compiled form,
+    :func:`~ppl_models.distributions.binary_bernoulli_log_prob`)."""
     with pyro.plate(SAMPLES_PLATE, size, dim=layout.sample_dim):
         guide_trace = poutine.trace(guide).get_trace(*data, idx, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*data, idx, **kwargs)
     shape = (size, batch)
-    log_lik = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n]), layout, n, shape) for n in layout.observed)
+    log_lik = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n], grouped), layout, n, shape)
+                  for n in layout.observed)
     log_prior = sum(_per_datapoint(_site_log_prob(model_trace.nodes[n]), layout, n, shape) for n in layout.latents)
     log_q = sum(_per_datapoint(_site_log_prob(guide_trace.nodes[n]), layout, n, shape) for n in layout.latents)
     if not layout.latents:  # a model without latents: log p(z) = log q(z) = 0
@@ -337,7 +320,8 @@ def _log_terms(
     for start in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - start)
         chunk = functools.partial(_chunk_terms, model, guide, size=size, batch=batch, layout=layout, kwargs=kwargs)
-        terms = fast.chunk_terms(chunk, data, idx) if fast is not None else None
+        compiled = fast is not None and fast.mode == "compile"  # the captured graph in its compiled form
+        terms = fast.chunk_terms(functools.partial(chunk, grouped=compiled), data, idx) if fast is not None else None
         log_lik, log_prior, log_q = terms if terms is not None else chunk(data, idx)
         if parts is None:
             dtype = torch.promote_types(torch.promote_types(log_lik.dtype, log_prior.dtype), log_q.dtype)
@@ -552,7 +536,8 @@ def evaluate(
     rng_context = torch.random.fork_rng(devices=[]) if generator is not None else contextlib.nullcontext()
     try:
         # one thread or all, whichever is faster now (ppl_models.infer.threads): a busy machine costs little
-        with rng_context, torch.no_grad(), ThreadTuner("auto", interval=60.0, probe_steps=1) as tuner:
+        tuner = ThreadTuner("auto", interval=120.0, probe_steps=1, warmup_steps=1, rounds=1, skip_first=False)
+        with rng_context, torch.no_grad(), tuner:
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
             log_k = math.log(num_samples)
