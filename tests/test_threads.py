@@ -132,3 +132,17 @@ def test_one_slow_step_does_not_decide_a_probe(two_threads):
     with ThreadTuner("auto", interval=30.0, probe_steps=16, warmup_steps=3, clock=clock) as tuner:
         used = drive(tuner, clock, step_time, 3 + 4 * 9)
         assert used[4] == 1 and used[5] == 1 and torch.get_num_threads() == 1
+
+
+def test_a_probe_near_a_tie_keeps_the_count_that_runs(two_threads):
+    """Once two threads run, one thread within the margin but slower does not replace them (an idle machine's
+    probe that caught slow two-thread steps switched the run to a count 1.6x slower for an interval)."""
+    clock = FakeClock()
+    with ThreadTuner("auto", interval=1.0, probe_steps=4, warmup_steps=3, clock=clock) as tuner:
+        drive(tuner, clock, {1: 0.02, 2: 0.01}, 15)  # first probe: two threads
+        assert tuner.chosen == 2
+        used = drive(tuner, clock, {1: 0.0103, 2: 0.0100}, 300)  # near a tie: one thread 3 % slower
+        assert tuner.chosen == 2 and tuner.switches == 0 and used[-1] == 2
+        drive(tuner, clock, {1: 0.0090, 2: 0.0100}, 300)  # one thread faster: chosen
+        assert tuner.chosen == 1 and tuner.switches == 1
+
