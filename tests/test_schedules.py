@@ -18,11 +18,31 @@ from ppl_models.app.config import Config, ConfigError
 from ppl_models.data import DynamicBinarized, TensorDataset
 from ppl_models.infer import Trainer, TrainingInterrupted
 from ppl_models.infer.annealing import AnnealedTrainer, KLSchedule
-from ppl_models.infer.schedules import LR_SCHEDULES, LRSchedule, make_lr_schedule, validation_rows
+from ppl_models.infer.schedules import LR_SCHEDULES, LRSchedule, RunClock, make_lr_schedule, validation_rows
 from ppl_models.registry import UnknownNameError
 
 NUM_DATA = 40
 SMALL_VAE = {"z_dim": 2, "hidden_dims": [8], "x_dim": 12}
+
+
+class FakeClock:
+    """A clock the test moves by hand (``advance``), so no assertion depends on the wall clock."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def trained_for(seconds):
+    """The training seconds ``t`` of a :class:`RunClock` on a :class:`FakeClock` moved ``seconds`` past the first
+    step: the schedules read t from the run's clock, and here that clock is injected."""
+    fake = FakeClock()
+    run_clock = RunClock(clock=fake)
+    run_clock.start()
+    fake.now += seconds
+    return run_clock.train_seconds()
 
 
 # ------------------------------------------------------------------------------------------- closed forms
@@ -30,7 +50,7 @@ def test_constant_schedule_is_one_everywhere():
     schedule = make_lr_schedule("constant")
     assert schedule.is_constant
     assert [schedule(s, 100) for s in (0, 1, 50, 99, 150)] == [1.0] * 5
-    assert schedule(7, 100, seconds=9.0, time_limit=10.0) == 1.0  # seconds are given values, not a clock
+    assert schedule(7, 100, seconds=trained_for(9.0), time_limit=10.0) == 1.0
 
 
 def test_step_schedule_is_burdas_on_a_3280_epoch_run():
@@ -85,14 +105,15 @@ def test_warmup_in_steps_and_as_a_fraction():
 def test_time_based_progress_is_elapsed_over_the_limit():
     """With a time limit the progress is max(s/S, t/T): a budgeted run anneals by the end of its budget."""
     cosine = make_lr_schedule("cosine")
-    assert cosine(3, 10**9, seconds=30.0, time_limit=120.0) == 0.1 + 0.9 * (1 + math.cos(math.pi * 0.25)) / 2
-    assert cosine(900, 1000, seconds=30.0, time_limit=120.0) == cosine(900, 1000)  # the steps end it first
+    t = trained_for(30.0)  # a quarter of the 120 s limit
+    assert cosine(3, 10**9, seconds=t, time_limit=120.0) == 0.1 + 0.9 * (1 + math.cos(math.pi * 0.25)) / 2
+    assert cosine(900, 1000, seconds=t, time_limit=120.0) == cosine(900, 1000)  # the steps end it first
     step = make_lr_schedule("step")
-    assert step.stage(0, 10**9, seconds=120.0 * 2186.01 / 6560, time_limit=120.0) == 7
-    assert step.stage(0, 10**9, seconds=120.0 * 2185.99 / 6560, time_limit=120.0) == 6
+    assert step.stage(0, 10**9, seconds=trained_for(120.0 * 2186.01 / 6560), time_limit=120.0) == 7
+    assert step.stage(0, 10**9, seconds=trained_for(120.0 * 2185.99 / 6560), time_limit=120.0) == 6
     warm = make_lr_schedule("constant", warmup=0.25)
-    assert warm(0, 10**9, seconds=15.0, time_limit=120.0) == 0.5
-    assert warm(0, 10**9, seconds=0.0, time_limit=120.0) == pytest.approx(1 / (0.25 * 10**9))
+    assert warm(0, 10**9, seconds=trained_for(15.0), time_limit=120.0) == 0.5
+    assert warm(0, 10**9, seconds=trained_for(0.0), time_limit=120.0) == pytest.approx(1 / (0.25 * 10**9))
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -146,16 +167,6 @@ def vae_trainer(guide="amortized", seed=0, **kwargs):
     options = dict(batch_size=10, num_epochs=3, lr=1e-2, seed=seed, progress=False, log_every=1)
     options.update(kwargs)
     return Trainer(inst.model, inst.guide, pixels(), **options)
-
-
-class FakeClock:
-    """A clock the test moves by hand (``advance``), so no assertion depends on the wall clock."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def params_now():
