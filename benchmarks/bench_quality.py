@@ -170,10 +170,7 @@ def train_engine(budget: float | None, max_steps: int | None, out: Path, threads
     encoder, decoder = hand_networks()
     for name, net in (("encoder", encoder), ("decoder", decoder)):  # strict: the same names and shapes
         net.load_state_dict({k.split("$$$", 1)[1]: v for k, v in params.items() if k.startswith(name + "$$$")})
-    metrics = {}
-    for name in ("train.json",):
-        if (run_dir / "run" / name).is_file():
-            metrics = json.loads((run_dir / "run" / name).read_text())
+    metrics = json.loads((run_dir / "run" / "train.json").read_text())
     torch.save({"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "steps": state["step"],
                 "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
                 "setup_seconds": metrics.get("setup_seconds"), "stderr_tail": proc.stderr[-600:]}, out)
@@ -302,7 +299,7 @@ def main(argv=None) -> dict:
         print(f"{label:34s} {nll[name].mean():9.2f} ± {se(nll[name]):4.2f} {runs[name]['steps']:8d} {rate[name]:8.1f}")
     print(f"{'engine - hand-written':34s} {diff.mean():9.2f} ± {se(diff):4.2f}   (paired over images)")
     result = {
-        "budget_s": None if args.max_steps is not None else args.budget, "max_steps": args.max_steps,
+        "budget_s": args.budget, "max_steps": args.max_steps,
         "num_samples": args.num_samples, "num_test": args.num_test, "load": args.load,
         "nll_engine": round(float(nll["engine"].mean()), 3), "nll_engine_se": round(se(nll["engine"]), 3),
         "nll_hand": round(float(nll["hand"].mean()), 3), "nll_hand_se": round(se(nll["hand"]), 3),

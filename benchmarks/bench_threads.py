@@ -1,4 +1,4 @@
-"""Threads and OpenMP's wait policy on an idle and on a busy machine: what ``ppl_models.runtime`` chooses.
+"""Threads and OpenMP's wait policy on an idle and on a busy machine: the measurements behind the thread tuner.
 
 For each load (no other process, then ``--load`` busy processes, one spinning Python loop each), one child
 process per setting trains the main job's VAE step (784-200-200-50, batch 128, Adam; the hand-written step of
@@ -7,10 +7,11 @@ process per setting trains the main job's VAE step (784-200-200-50, batch 128, A
 * ``1 thread``                — ``OMP_NUM_THREADS=1``: the reference a loaded machine should not fall below;
 * ``all threads, ACTIVE``     — torch's default thread count with OpenMP spinning while it waits (the OpenMP
   default the package used to inherit);
-* ``all threads, PASSIVE``    — the same with ``OMP_WAIT_POLICY=PASSIVE``: what ``ppl-models`` sets.
+* ``all threads, PASSIVE``    — the same with ``OMP_WAIT_POLICY=PASSIVE``.
 
-Printed: steps/s and the ratio of each setting to ``1 thread`` under the same load, and one JSON line.
-The goal: under load, PASSIVE ≥ 0.8 × one thread; idle, PASSIVE no slower than ACTIVE.
+Printed: steps/s and the ratio of each setting to ``1 thread`` under the same load, and one JSON line.  PASSIVE
+rescues the loaded case but is slower than ACTIVE on an idle machine, so the package sets neither: its thread
+tuner (``ppl_models/infer/threads.py``) chooses between one thread and all at run time.
 
     python benchmarks/bench_threads.py                # 15 s per setting, load 3
     python benchmarks/bench_threads.py --seconds 5    # quick
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_quality import start_load  # noqa: E402  (the benchmarks' one competing load)
 
 SETTINGS = {
     "1 thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
@@ -37,7 +40,6 @@ def child(seconds: float) -> None:
 
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_quality import hand_loss, hand_networks
 
     torch.manual_seed(0)
@@ -60,11 +62,6 @@ def child(seconds: float) -> None:
     print(json.dumps({"steps_per_s": steps / (time.perf_counter() - start), "threads": torch.get_num_threads()}))
 
 
-def _spin(stop):
-    while not stop.is_set():
-        pass
-
-
 def measure(setting: str, seconds: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     env.update(SETTINGS[setting])
@@ -83,10 +80,7 @@ def main(argv=None) -> dict:
         return child(args.child)
     result = {}
     for load in (0, args.load):
-        stop = mp.Event()
-        procs = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(load)]
-        for p in procs:
-            p.start()
+        stop, procs = start_load(load)
         try:
             rows = {s: measure(s, args.seconds) for s in SETTINGS}
         finally:

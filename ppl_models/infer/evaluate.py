@@ -317,10 +317,10 @@ def _log_terms(
         chunk_size = default_chunk_size(spec, batch, itemsize=itemsize)
     chunk_size = min(chunk_size, num_samples)
     parts = None
+    compiled = fast is not None and fast.mode == "compile"  # the captured graph in its compiled form
     for start in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - start)
         chunk = functools.partial(_chunk_terms, model, guide, size=size, batch=batch, layout=layout, kwargs=kwargs)
-        compiled = fast is not None and fast.mode == "compile"  # the captured graph in its compiled form
         terms = fast.chunk_terms(functools.partial(chunk, grouped=compiled), data, idx) if fast is not None else None
         log_lik, log_prior, log_q = terms if terms is not None else chunk(data, idx)
         if parts is None:

@@ -253,7 +253,8 @@ def evaluate(experiment, instance, dataset, split: str) -> AlignmentEval:
     if experiment.config.output.plots:
         plot_alignments(net, dataset, run_dir / "alignments.png", guide_modules=guide_modules,
                         title=f"{net.variant}: {split} sentences 0-2")
-    result.metrics.update(translate_split(net, dataset, run_dir / "translations.txt"))
+    result.metrics.update(translate_split(net, dataset, run_dir / "translations.txt",
+                                          progress=experiment.config.train.progress))
     return result
 
 
