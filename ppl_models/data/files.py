@@ -450,7 +450,7 @@ class _Downloader:
         import pooch
 
         self.form, self.progress = form, _Progress(url, dest)
-        self.http = pooch.HTTPDownloader(progressbar=self.progress, timeout=timeout,
+        self.http = pooch.HTTPDownloader(progressbar=self.progress, timeout=timeout, chunk_size=_CHUNK,
                                          headers={"User-Agent": "ppl_models (pooch)"})
         self.digest: str | None = None
         self.cut: Tuple[int, int | None, str] | None = None
