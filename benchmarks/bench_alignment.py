@@ -11,7 +11,7 @@ table can be built over several sessions; ``--table-only`` trains nothing).  Pri
 seed, the mean, steps and epochs, and the issue's checks on the means — exact ~ variational-enum <= variational
 < soft < hard, variational within 5 % of variational-enum, hard within 10 % of soft — plus one JSON line.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_alignment.py --table --seeds 0 1 --learned-baseline   # ~5 h
+    OMP_NUM_THREADS=1 python benchmarks/bench_alignment.py --table --seeds 0 1 --learned-baseline   # ~4 CPU-h
 
 **Step time** (default):
 

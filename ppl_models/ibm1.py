@@ -77,6 +77,7 @@ __all__ = [
     "log_likelihood",
     "posterior",
     "build",
+    "check_batch",
 ]
 
 #: The source index of the NULL word (the data layer's ``<pad>``, which never occurs as a real word).
@@ -368,7 +369,7 @@ def make_spec(name: str = "ibm1") -> ModelSpec:
     )
 
 
-def _check_batch(params: IBM1Params, src, src_lengths, tgt, tgt_lengths) -> None:
+def check_batch(params: IBM1Params, src, src_lengths, tgt, tgt_lengths) -> None:
     for site, x in (("src", src), ("tgt", tgt)):
         check_tensor(site, x, dtype_kind="int")
         if x.dim() != 2:
@@ -412,7 +413,7 @@ def model(src: torch.Tensor, src_lengths: torch.Tensor, tgt: torch.Tensor, tgt_l
     :param params: the :class:`IBM1Params` (registered as ``"params"``).
     :param num_data: number of sentence pairs :math:`N` (the plate's N/batch scale).
     """
-    _check_batch(params, src, src_lengths, tgt, tgt_lengths)
+    check_batch(params, src, src_lengths, tgt, tgt_lengths)
     pyro.module("params", params)
     src_null, prior, tgt_mask = _tables(params, src, src_lengths, tgt, tgt_lengths)
     T = tgt.shape[1]
@@ -430,7 +431,7 @@ def model(src: torch.Tensor, src_lengths: torch.Tensor, tgt: torch.Tensor, tgt_l
 def log_joint(params: IBM1Params, src, src_lengths, tgt, tgt_lengths) -> torch.Tensor:
     r""":math:`\log p(a_j = i, f_j \mid e) = -\log(l + 1) + \log t(f_j \mid e_i)`, shape ``(batch, T, S + 1)``
     (column 0: NULL; :math:`-\infty` at padded source columns; 0 at column 0 of padded target rows)."""
-    _check_batch(params, src, src_lengths, tgt, tgt_lengths)
+    check_batch(params, src, src_lengths, tgt, tgt_lengths)
     src_null, prior, tgt_mask = _tables(params, src, src_lengths, tgt, tgt_lengths)
     lt = params.prob(src_null[:, None, :], tgt[:, :, None]).log()  # (B, T, S+1)
     return prior + torch.where(tgt_mask[:, :, None], lt, torch.zeros_like(lt))

@@ -298,7 +298,8 @@ def test_posterior_argmax_recovers_gold_alignments_on_the_synthetic_task(variant
 def test_plateau_halving_and_early_stopping_follow_the_exact_validation_log_likelihood():
     """The training protocol: validation by the exact log p(y | x) (the task's validation_loss, as
     evaluate_alignment computes it), the learning rate halved at each validation not better than the best before it,
-    and training stopped after early_stopping such validations in a row."""
+    and training stopped after early_stopping such validations in a row; the trainer then holds the parameters of
+    the best validation, not the last."""
     from ppl_models.infer.schedules import plateau_halvings, validations_since_best
 
     assert plateau_halvings([-3.0, -2.0, -2.5, -2.0, -1.0, float("nan"), -1.5]) == 3
@@ -322,7 +323,35 @@ def test_plateau_halving_and_early_stopping_follow_the_exact_validation_log_like
     assert result.step < 30 * trainer.num_batches and validations_since_best(scores) == 3  # stopped early
     exact = evaluate_alignment(instance.modules["net"], splits["valid"]).metrics
     torch.testing.assert_close(trainer.validation_elbo(), -exact["nll_per_sentence"], rtol=1e-5, atol=0)
-    assert math.isclose(scores[-1], trainer.validation_elbo(), rel_tol=1e-6)
+    best = max(range(len(scores)), key=scores.__getitem__)
+    assert scores[-1] < scores[best] and result.best_step == result.history["valid_step"][best] < result.step
+    assert math.isclose(scores[best], trainer.validation_elbo(), rel_tol=1e-6)  # the best parameters, restored
+
+
+def test_a_run_stopped_early_is_evaluated_and_aligned_with_its_best_parameters(tmp_path):
+    """Early stopping keeps the best validation's parameters in every checkpoint: the fit's own evaluation,
+    ``ppl-models evaluate`` (the newest checkpoint) and ``align`` (load_aligner) all use them, and metrics.json
+    names their step, not the last one."""
+    from ppl_models.tasks.alignment import load_aligner
+
+    config = REPO / "examples/configs/attention_tiny.toml"
+    overrides = {"train.validate": True, "train.lr_schedule": "plateau", "train.early_stopping": 3,
+                 "train.valid_every": 2, "train.num_epochs": 30, "train.lr": 0.05, "train.progress": False,
+                 "output.plots": False}
+    result, metrics = Experiment.from_file(config, overrides, run_dir=tmp_path / "run").fit()
+    scores = result.history["valid_step_elbo"]
+    assert result.best_step == result.history["valid_step"][scores.index(max(scores))] < result.step
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["checkpoint_step"] == result.best_step
+    again = Experiment.from_run_dir(tmp_path / "run").evaluate()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoint_step"] == result.best_step
+    assert again.to_metrics()["perplexity"] == metrics.to_metrics()["perplexity"]
+    experiment = Experiment.from_run_dir(tmp_path / "run")
+    experiment.resolve_model_hooks()
+    valid = experiment.load_data()["valid"]
+    aligner = load_aligner(experiment)
+    nll = evaluate_alignment(aligner.net, valid).metrics["nll_per_sentence"]
+    assert math.isclose(-nll, max(scores), rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

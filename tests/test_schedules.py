@@ -15,6 +15,7 @@ import torch
 
 import ppl_models as pm
 from ppl_models.app.config import Config, ConfigError
+from ppl_models.registry import UnknownNameError
 from ppl_models.data import DynamicBinarized, TensorDataset
 from ppl_models.infer import Trainer, TrainingInterrupted
 from ppl_models.infer.annealing import AnnealedTrainer, KLSchedule
@@ -142,15 +143,18 @@ def test_config_keys_are_validated_and_reach_the_trainer(tmp_path):
         Config.from_dict({"train": {"valid_every": 0}})
     with pytest.raises(ConfigError, match=r"\[train\] fast_path: expected one of"):
         Config.from_dict({"train": {"fast_path": "fastest"}})
+    with pytest.raises(ConfigError, match=r"\[train\] unknown budget_clock 'process'; .*cpu, wall"):
+        Config.from_dict({"train": {"budget_clock": "process"}})
     config = Config.from_dict({"train": {"lr_schedule": "step", "warmup": 100, "lr_final": 1e-4, "valid_subset": 50,
-                                         "valid_every": 7, "time_limit": 60}})
+                                         "valid_every": 7, "time_limit": 60,
+                                         "budget_clock": "cpu"}})
     assert Config.from_dict({}).train.fast_path == "auto" and Config.from_dict({}).train.valid_subset == 2000
     pyro.clear_param_store()
     inst = pm.instantiate("vae", "amortized", num_data=NUM_DATA, model_kwargs=SMALL_VAE,
                           guide_kwargs={"hidden_dims": [8]})
     trainer = Experiment(config, tmp_path).trainer({"train": pixels(), "valid": pixels()}, inst)
     assert (trainer.lr_schedule, trainer.warmup, trainer.lr_final) == ("step", 100.0, 1e-4)
-    assert (trainer.valid_subset, trainer.valid_every, trainer.time_limit) == (50, 7, 60.0)
+    assert (trainer.valid_subset, trainer.valid_every, trainer.time_limit, trainer.budget_clock) == (50, 7, 60.0, "cpu")
 
 
 # ----------------------------------------------------------------------------------- through the engine
@@ -222,6 +226,28 @@ def test_time_budget_starts_at_the_first_step_and_drives_the_schedule():
     assert result.setup_seconds == 30.0 and result.wall_time == 40.0 and result.compile_seconds == 0.0
     expected = [1e-2 * (0.1 + 0.9 * (1 + math.cos(math.pi * 0.5 * s / 10.0)) / 2) for s in range(20)]
     assert trainer.history["log_lr"] == pytest.approx(expected, rel=1e-12, abs=0.0)
+
+
+def test_cpu_budget_counts_the_process_clock_not_the_wall(monkeypatch):
+    """budget_clock = "cpu": the budget and train_seconds read the process's CPU clock (here a fake one that moves
+    0.5 s per step while the wall clock moves 2 s, as when other processes share the cores); set-up and wall time
+    still read the wall clock."""
+    from ppl_models.infer import schedules
+
+    wall, cpu = FakeClock(), FakeClock(7.0)
+    monkeypatch.setitem(schedules.BUDGET_CLOCKS, "cpu", cpu)
+
+    def tick(trainer, step, loss):
+        wall.now += 2.0
+        cpu.now += 0.5
+
+    trainer = vae_trainer(fast_path=False, num_epochs=10**6, time_limit=10.0, clock=wall, callback=tick,
+                          budget_clock="cpu", setup_start=wall.now - 3.0)
+    result = trainer.fit()
+    assert result.step == 20 and result.train_seconds == 10.0
+    assert result.wall_time == 40.0 and result.setup_seconds == 3.0
+    with pytest.raises(UnknownNameError, match="unknown budget_clock 'process'; valid budget_clocks: cpu, wall"):
+        vae_trainer(budget_clock="process")
 
 
 def test_setup_start_counts_the_callers_set_up():

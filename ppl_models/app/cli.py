@@ -11,9 +11,9 @@
 ``ppl-models compare CONFIG.toml [-o SECTION.KEY=VALUE ...] [--run-dir DIR]``
     compare gradient estimators (:mod:`ppl_models.compare`): tables, netCDF and plots in the run directory;
 ``ppl-models align RUN_DIR SRC_FILE TGT_FILE [-o OUT] [--links M] [--threshold P] [--reverse RUN_DIR] [--gold FILE]``
-    Pharaoh alignments (``i-j`` source-target pairs, 0-based) of a trained ``alignment`` or ``ibm1`` run, one line
-    per pair; with ``--reverse`` both directions symmetrized, with ``--gold`` AER/precision/recall on stderr
-    (:func:`ppl_models.tasks.alignment.align_text`).
+    Pharaoh alignments (``i-j`` source-target pairs, 0-based) of a trained ``alignment``, ``ibm1`` or ``hmm-align``
+    run, one line per pair; with ``--reverse`` both directions symmetrized, with ``--gold`` AER/precision/recall on
+    stderr (:func:`ppl_models.tasks.alignment.align_text`).
 
 Errors in the input (configuration, names, data, shapes, checkpoints, the run
 directory and the file system) print one line ``error: ...`` and exit with
@@ -87,14 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list registered models, guides, data sets, ELBOs and optimizers")
 
-    al = sub.add_parser("align", help="Pharaoh alignments (i-j, 0-based source-target) of a trained 'alignment' or "
-                                      "'ibm1' run; both directions symmetrized; AER against gold")
-    al.add_argument("run_dir", help="run directory of a trained 'alignment' or 'ibm1' model (SRC_FILE -> TGT_FILE)")
+    al = sub.add_parser("align", help="Pharaoh alignments (i-j, 0-based source-target) of a trained 'alignment', "
+                                      "'ibm1' or 'hmm-align' run; both directions symmetrized; AER against gold")
+    al.add_argument("run_dir", help="run directory of a trained 'alignment', 'ibm1' or 'hmm-align' model "
+                                    "(SRC_FILE -> TGT_FILE)")
     al.add_argument("src_file", help="tokenized source sentences, one per line (normalized as the run's text was)")
     al.add_argument("tgt_file", help="tokenized target sentences, one per line (same line count)")
     al.add_argument("-o", "--output", help="write the alignments here (atomically) instead of to stdout")
     al.add_argument("--links", default="posterior", choices=("posterior", "q", "prior", "threshold"),
-                    help="posterior: argmax of p(z|x,y) (ibm1: Viterbi, NULL = unaligned); q: argmax of the inference "
+                    help="posterior: argmax of p(z|x,y) (ibm1, hmm-align: NULL = unaligned); q: argmax of the inference "
                          "network; prior: argmax of p(z|x,y<t) (soft: its attention); threshold: every source word "
                          "with posterior > --threshold")
     al.add_argument("--threshold", type=float, default=None,
@@ -211,7 +212,7 @@ def _align(args) -> int:
         loader = getattr(task_module(experiment.config.model.name), "load_aligner", None)
         if loader is None:
             raise ValueError(f"{run_dir}: model {experiment.config.model.name!r} is not an aligner; ppl-models align "
-                             "takes runs of 'alignment' and 'ibm1'")
+                             "takes runs of 'alignment', 'ibm1' and 'hmm-align'")
         return loader(experiment, max_len=args.max_len)
 
     forward = load(args.run_dir)

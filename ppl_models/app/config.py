@@ -114,8 +114,11 @@ class TrainConfig:
     num_epochs: int = 10
     max_steps: Optional[int] = None
     # stop when the training clock reaches this many seconds: from the first training step (set-up and compile not
-    # counted), validation included, summed over --resume calls (a wall-time budget)
+    # counted), validation included, summed over --resume calls
     time_limit: Optional[float] = None
+    # what time_limit counts: "wall" seconds, or "cpu": this process's CPU seconds (one CPU budget per run, however
+    # busy the machine is; ppl_models.infer.schedules.BUDGET_CLOCKS)
+    budget_clock: str = "wall"
     # the learning rate over the run (ppl_models.infer.schedules): "constant", "step" (Burda et al. 2016: 8 stages
     # of lengths ∝ 3^i, lr·ρ^(i/7)) or "cosine", over the run's steps or, with time_limit, its seconds; or "plateau":
     # halved at each validation not better than the best so far (Deng et al. 2018)
@@ -128,7 +131,9 @@ class TrainConfig:
     validate: bool = True  # report the validation ELBO each epoch
     valid_subset: int = 2000  # validate on this many fixed rows of the validation split (0: all of them)
     valid_every: Optional[int] = None  # validate every this many steps (unset: at the end of each epoch)
-    early_stopping: int = 0  # stop after this many validations in a row not better than the best (0: never)
+    # stop after this many validations in a row not better than the best (0: never); the run then evaluates, and
+    # `ppl-models evaluate` / `align` use, the parameters of the best validation (kept in every checkpoint)
+    early_stopping: int = 0
     device: str = "cpu"  # "cpu", "cuda" (each process: the GPU of its local rank) or "cuda:K" (ppl_models.infer.distributed)
     # "auto" (the fast path wherever it applies, compiled when the run repays it), false, true/"eager" or "compile":
     # the captured ELBO (ppl_models.infer.fastpath); the run records which path ran (train.json)
@@ -140,7 +145,7 @@ class TrainConfig:
         # A strategy's names are checked when the file is read, before a run directory is written.
         from ppl_models.infer.fastpath import fast_path_mode
         from ppl_models.infer.objectives import estimator_spec
-        from ppl_models.infer.schedules import make_lr_schedule
+        from ppl_models.infer.schedules import BUDGET_CLOCKS, make_lr_schedule
         from ppl_models.infer.strategies import INNER_OPTIMIZERS, REFINE_GRADS, STRATEGIES
         from ppl_models.infer.threads import check_threads
 
@@ -153,6 +158,8 @@ class TrainConfig:
                                   ("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)):
             if value is not None and value not in valid:
                 raise ConfigError(f"[train] {UnknownNameError(key.replace('_', ' '), value, valid)}")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ConfigError(f"[train] {UnknownNameError('budget_clock', self.budget_clock, BUDGET_CLOCKS)}")
         try:
             fast_path_mode(self.fast_path)
             check_threads(self.threads)

@@ -274,6 +274,7 @@ class Experiment:
             num_epochs=t.num_epochs,
             max_steps=t.max_steps,
             time_limit=t.time_limit,
+            budget_clock=t.budget_clock,
             lr_schedule=t.lr_schedule,
             warmup=t.warmup,
             lr_final=t.lr_final,
@@ -372,7 +373,8 @@ class Experiment:
         # after data-parallel training this process's networks hold its rows only: evaluate from the checkpoint
         if parallel:
             return result, self._evaluate_checkpoint(run, num_samples)
-        evaluated = None if result.checkpoint is None else (run.relative(result.checkpoint), result.step)
+        step = result.step if result.best_step is None else result.best_step  # the parameters the trainer holds
+        evaluated = None if result.checkpoint is None else (run.relative(result.checkpoint), step)
         return result, self._evaluate(splits, instance, num_samples, checkpoint=evaluated)
 
     # ----------------------------------------------------------- evaluate
@@ -403,9 +405,11 @@ class Experiment:
         run.claim()  # from here on this process writes the run directory
         splits = self.load_data()
         instance = self.build(splits["train"].num_data, _data_model_kwargs(splits))
-        self.trainer(splits, instance, progress=False).load_state_dict(state)
-        return self._evaluate(splits, instance, num_samples, split, batch_size,
-                              checkpoint=(run.relative(path), int(state["step"])))
+        trainer = self.trainer(splits, instance, progress=False)
+        trainer.load_state_dict(state)
+        best_step = trainer.use_best()  # early stopping: the parameters of the best validation
+        step = int(state["step"]) if best_step is None else best_step
+        return self._evaluate(splits, instance, num_samples, split, batch_size, checkpoint=(run.relative(path), step))
 
     def _evaluate(self, splits, instance, num_samples=None, split=None, batch_size=None, checkpoint=None):
         """Evaluate ``instance`` as it is; ``checkpoint``: ``(name, step)`` of the parameters, for metrics.json."""

@@ -60,8 +60,8 @@ FORMAT = "ppl_models.run/1"
 IDENTITY_SECTIONS = ("model", "guide", "data", "train")
 
 #: ``[train]`` settings a run may change between ``fit`` and ``--resume``: budgets, display, validation, hardware.
-NOT_IDENTITY = ("num_epochs", "max_steps", "time_limit", "keep_last", "progress", "validate", "valid_subset",
-                "valid_every", "device", "fast_path", "threads")
+NOT_IDENTITY = ("num_epochs", "max_steps", "time_limit", "budget_clock", "keep_last", "progress", "validate",
+                "valid_subset", "valid_every", "device", "fast_path", "threads")
 
 _TMP = re.compile(r"^\..+\.tmp-\d+$")  # ppl_models.atomic's temporary names
 

@@ -79,6 +79,7 @@ from ppl_models.infer.objectives import make_elbo
 from ppl_models.infer.optim import OPTIMIZER_NAMES, Optimizer, make_optimizer
 from ppl_models.infer.threads import ThreadTuner, check_threads
 from ppl_models.infer.schedules import (
+    BUDGET_CLOCKS,
     RunClock,
     make_lr_schedule,
     plateau_halvings,
@@ -116,6 +117,8 @@ class FitResult:
     compile_seconds: float = 0.0
     fast_path: str = "off"
     threads: Optional[dict] = None
+    best_step: Optional[int] = None  # with early_stopping: the step whose parameters the trainer holds at the end
+
 
     def to_metrics(self) -> dict:
         """The run's numbers as JSON (``train.json`` in the run directory); ``valid_share`` = valid / train seconds."""
@@ -123,7 +126,7 @@ class FitResult:
         return {"step": self.step, "epoch": self.epoch, "wall_seconds": self.wall_time,
                 "setup_seconds": self.setup_seconds, "compile_seconds": self.compile_seconds,
                 "train_seconds": self.train_seconds, "valid_seconds": self.valid_seconds, "valid_share": share,
-                "fast_path": self.fast_path, "threads": self.threads}
+                "fast_path": self.fast_path, "threads": self.threads, "best_step": self.best_step}
 
 
 #: A note at the end of a run whose validation took more than this share of its training time (and >= 30 s).
@@ -161,7 +164,11 @@ class Trainer:
     :param time_limit: stop when the run's training clock reaches this many seconds (``None``: no limit): from its
         first training step (set-up before it and the fast path's compile are not counted), validation included,
         summed over resumed calls, as read from ``clock`` (default :func:`time.perf_counter`; tests pass a fake
-        one); for budgeted runs and comparing strategies on the same budget.
+        one), or from the process's CPU time with ``budget_clock = "cpu"``; for budgeted runs and comparing
+        strategies on the same budget.
+    :param budget_clock: what ``time_limit``, a time-based schedule and ``FitResult.train_seconds`` count:
+        ``"wall"`` (``clock``) or ``"cpu"`` (:func:`time.process_time`, the CPU seconds of this process's
+        threads: a budget that other processes on the machine do not eat; :data:`BUDGET_CLOCKS`).
     :param seed: seeds Pyro's generators and the engine's data generator.
     :param run_dir: where checkpoints and ``history.json`` go (``None``: nothing is written).
     :param keep_last: how many of the run's own newest checkpoints stay on disk (>= 1), or 0: all of them.
@@ -190,7 +197,10 @@ class Trainer:
         negative score summed over the batch's rows (e.g. a model's exact negative log-likelihood); ``None``: the
         objective's loss.
     :param early_stopping: stop once this many validations in a row were not better than the best one (``None``
-        or 0: never); with ``lr_schedule = "plateau"`` each of them has also halved the learning rate.
+        or 0: never); with ``lr_schedule = "plateau"`` each of them has also halved the learning rate.  The
+        parameters of the best validation so far are kept (in memory and in every checkpoint, ``"best"``), and
+        at the end of :meth:`fit` the trainer holds them (:meth:`use_best`; ``FitResult.best_step``), however
+        the run ended: the model selected by validation, as Prechelt's early stopping returns it.
     :param setup_start: ``clock()`` when the run's set-up began (the caller's data loading), for
         ``FitResult.setup_seconds``; ``None``: when :meth:`fit` is called.
     """
@@ -209,6 +219,7 @@ class Trainer:
     max_steps: Optional[int] = None
     time_limit: Optional[float] = None
     clock: Callable[[], float] = time.perf_counter
+    budget_clock: str = "wall"
     seed: int = 0
     run_dir: Optional[Path] = None
     keep_last: int = 2
@@ -236,7 +247,11 @@ class Trainer:
         self._tuner: Optional[ThreadTuner] = None
         self._fast: Optional[FastPath] = None
         self.fast_path_off: Optional[str] = None  # why make_fast_path ruled the fast path out
-        self._clock = RunClock(self.clock)
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise UnknownNameError("budget_clock", self.budget_clock, BUDGET_CLOCKS)
+        self._clock = RunClock(self.clock if self.budget_clock == "wall" else BUDGET_CLOCKS[self.budget_clock])
+        self._first_step_at: Optional[float] = None  # clock() at this call's first step (set-up ends there)
+        self._best: Optional[dict] = None  # with early_stopping: {"step", "score", "params"} of the best validation
         if self.validate not in ("first", "always"):
             raise ValueError(f"validate: expected 'first' or 'always', received {self.validate!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -392,6 +407,8 @@ class Trainer:
         """
         if self._optim is None:
             self._setup()
+        if self._first_step_at is None:
+            self._first_step_at = self.clock()
         self._clock.start()
         if not self._schedule.is_constant:
             self._optim.lr_factor = self.lr_factor()
@@ -463,6 +480,7 @@ class Trainer:
             "partial": [self._epoch_loss_sum, self._epoch_steps, self._log_loss_sum, self._log_steps],
             "checkpoints": list(self._written),  # the run's write history (rotation goes by it)
             "clock": self._clock.state(self._compile_seconds()),
+            "best": self._best,
         }
         return state if self.parallel is None else self.parallel.gather_state(state, self._names, self._optim)
 
@@ -504,6 +522,7 @@ class Trainer:
         found = [] if self.checkpoint_dir is None else list_checkpoints(self.checkpoint_dir)
         self._written = list(written) if written is not None else [p.name for p in found if checkpoint_step(p) <= self.step]
         self._clock.load_state(state.get("clock", {}), self._compile_seconds())
+        self._best = state.get("best")
 
     def save(self) -> Optional[Path]:  # with ``parallel``: collective, rank 0 writes
         if self.checkpoint_dir is None:
@@ -592,6 +611,26 @@ class Trainer:
         self._clock.add_valid(self.clock() - started)
         return -total / n
 
+    def _keep_if_best(self) -> None:
+        """With ``early_stopping``: a copy of the parameters when the validation just appended is the best so far."""
+        scores = self.validation_scores()
+        if not self.early_stopping or not scores or math.isnan(scores[-1]) or validations_since_best(scores) > 0:
+            return
+        store = pyro.get_param_store()
+        self._best = {"step": self.step, "score": scores[-1],
+                      "params": {n: store._params[n].detach().clone() for n in self._names}}
+
+    def use_best(self) -> Optional[int]:
+        """Put the parameters of the best validation so far (``early_stopping``) into the param store; returns
+        their step, or ``None`` when none were kept (nothing changes then)."""
+        if self._best is None:
+            return None
+        store = pyro.get_param_store()
+        with torch.no_grad():
+            for name, value in self._best["params"].items():
+                store._params[name].copy_(value)
+        return int(self._best["step"])
+
     def _on_device(self, args) -> tuple:
         return args if self.parallel is None else self.parallel.to_device(args)
 
@@ -603,6 +642,7 @@ class Trainer:
         start_time = self.clock()
         compile_before = self._compile_seconds()
         self._clock.new_call(compile_before)  # the training clock restarts at this call's first step
+        self._first_step_at = None
         if resume:  # a checkpoint resume() already loaded is not loaded again
             self._resume_or_refuse()
         else:
@@ -612,9 +652,8 @@ class Trainer:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         # one thread count for all ranks of a data-parallel job: theirs are fixed
-        tuner = ThreadTuner(self.threads if self.parallel is None else torch.get_num_threads())
-        with catch_signals() as caught, tuner:
-            self._tuner = tuner
+        self._tuner = ThreadTuner(self.threads if self.parallel is None else torch.get_num_threads())
+        with catch_signals() as caught, self._tuner:
             if self.parallel is not None:  # the loop reads what all ranks agreed on, never a rank's own signal
                 caught = self.parallel.agreement(caught)
             while self.epoch < self.num_epochs and not self._done():
@@ -625,19 +664,23 @@ class Trainer:
             scores = self.validation_scores()
             print(f"early stopping at step {self.step}: {self.early_stopping} validations without a better score "
                   f"than {max(scores):.4f}", file=sys.stderr)
-        return self._result(start_time, compile_before)
+        best_step = self.use_best() if self.early_stopping else None
+        if best_step is not None and best_step != self.step and (self.parallel is None or self.parallel.rank == 0):
+            print(f"the trainer holds the parameters of step {best_step}, the best validation "
+                  f"({self._best['score']:.4f}); the checkpoints hold step {self.step} to resume from", file=sys.stderr)
+        return self._result(start_time, compile_before, best_step)
 
-    def _result(self, start_time: float, compile_before: float) -> FitResult:
+    def _result(self, start_time: float, compile_before: float, best_step: Optional[int] = None) -> FitResult:
         """The :class:`FitResult` of a :meth:`fit` call begun at ``start_time``; written to ``train.json``."""
         end = self.clock()
         compiled = self._compile_seconds() - compile_before
-        first_step = end if self._clock.started is None else self._clock.started
+        first_step = end if self._first_step_at is None else self._first_step_at
         setup_from = start_time if self.setup_start is None else self.setup_start
         result = FitResult(self.history, self.step, self.epoch, end - start_time, self._latest_checkpoint_path(),
                            setup_seconds=first_step - setup_from + compiled, train_seconds=self.train_seconds(),
                            valid_seconds=self._clock.valid_seconds, compile_seconds=compiled,
                            fast_path=fast_path_status(self, self._fast),
-                           threads=None if self._tuner is None else self._tuner.summary())
+                           threads=self._tuner.summary(), best_step=best_step)
         if self.parallel is None or self.parallel.rank == 0:
             share = result.to_metrics()["valid_share"]
             if share > VALID_SHARE_NOTE and result.train_seconds >= 30:
@@ -685,8 +728,7 @@ class Trainer:
                 started = time.perf_counter()  # wall time, for the thread tuner (not the run's clock)
                 with data_rows_named(args, idx):
                     loss = self.train_step(args, idx)
-                if self._tuner is not None:
-                    self._tuner.after_step(time.perf_counter() - started)
+                self._tuner.after_step(time.perf_counter() - started)
                 self.batch_in_epoch += 1
                 per_datapoint = loss / self.num_data
                 self._epoch_loss_sum += per_datapoint
@@ -698,12 +740,13 @@ class Trainer:
                     self.history["log_train_elbo"].append(-self._log_loss_sum / self._log_steps)
                     self.history["log_lr"].append(self.lr * self._optim.lr_factor)
                     self._log_loss_sum, self._log_steps = 0.0, 0
-                # the epoch's running mean, as the epoch's line reports it at its end
-                bar.set_postfix_str(f"train ELBO {-self._epoch_loss_sum / self._epoch_steps:.3f}", refresh=False)
+                if self.progress:  # the epoch's running mean, as the epoch's line reports it at its end
+                    bar.set_postfix_str(f"train ELBO {-self._epoch_loss_sum / self._epoch_steps:.3f}", refresh=False)
                 bar.update(1)
                 if self.valid is not None and self.valid_every is not None and self.step % self.valid_every == 0:
                     self.history["valid_step"].append(self.step)
                     self.history["valid_step_elbo"].append(self.validation_elbo())
+                    self._keep_if_best()
                 if self.callback is not None:
                     self.callback(self, self.step, loss)
                 if caught.signum is not None:
@@ -721,6 +764,8 @@ class Trainer:
         for key, value in (("epoch", self.epoch), ("step", self.step), ("train_elbo", train_elbo),
                            ("valid_elbo", valid_elbo), ("epoch_time", elapsed)):
             self.history[key].append(value)
+        if self.valid is not None and self.valid_every is None:
+            self._keep_if_best()
         if self.progress:
             msg = f"epoch {self.epoch}/{self.num_epochs}  train ELBO {train_elbo:.3f}"
             if self.valid is not None and self.valid_every is None:

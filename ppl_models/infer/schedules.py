@@ -65,7 +65,7 @@ import torch
 from ppl_models.registry import UnknownNameError
 
 __all__ = ["LR_SCHEDULES", "STEP_STAGES", "PLATEAU_FACTOR", "LRSchedule", "make_lr_schedule", "plateau_halvings",
-           "validations_since_best", "RunClock", "validation_rows"]
+           "validations_since_best", "RunClock", "BUDGET_CLOCKS", "validation_rows"]
 
 LR_SCHEDULES = ("constant", "step", "cosine", "plateau")
 #: ``"plateau"``: the factor on the learning rate at each validation that is not better than the best before it.
@@ -193,6 +193,11 @@ def validations_since_best(scores: Sequence[float]) -> int:
         return 0
     best = max(range(len(values)), key=lambda i: (values[i], -i))
     return len(values) - 1 - best
+
+
+#: ``[train] budget_clock``: what a run's training clock reads — wall seconds, or the CPU seconds of the process's
+#: threads (a budget that other processes on a shared machine do not eat: one CPU budget per run).
+BUDGET_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class RunClock:

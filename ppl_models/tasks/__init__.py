@@ -28,7 +28,8 @@ by the generic path.  It may define any of these functions, each optional:
     alignment models' vocabularies and text normalization, read by ``ppl-models align``).
 ``make_trainer(experiment, splits, instance, **overrides) -> trainer``
     a trainer of the task's own instead of the SVI engine's (e.g. exact EM for IBM Model 1), with the engine
-    trainer's ``fit(resume) -> FitResult``, ``resume()``, ``load_state_dict(state)``, ``_setup()`` (checks the
+    trainer's ``fit(resume) -> FitResult``, ``resume()``, ``load_state_dict(state)``, ``use_best()`` (the
+    parameters early stopping selected, or ``None``), ``_setup()`` (checks the
     data against the model before the run directory is written) and ``parallel = None``.
 
 Nothing registers: the module is found by its name (an import of exactly ``ppl_models.tasks.X`` that fails with
@@ -38,6 +39,7 @@ this layer, a task module may import the models, guides, data and inference laye
 
 Modules: :mod:`~ppl_models.tasks.alignment` (evaluation, alignment output, translation and BLEU of the
 latent-alignment model), :mod:`~ppl_models.tasks.ibm1` (IBM Model 1 fitted by EM, and as an aligner),
+:mod:`~ppl_models.tasks.hmm_align` (the HMM alignment model, likewise),
 :mod:`~ppl_models.tasks.aer` (AER against sure/possible gold, symmetrization), :mod:`~ppl_models.tasks.cvae`
 (the CVAE's trained baseline), :mod:`~ppl_models.tasks.plots` (ELBO curves, prior samples, reconstructions).
 """

@@ -317,9 +317,11 @@ def read_run_vocab(experiment):
 
 
 def load_run_params(instance, state: dict, where) -> None:
-    """Copy a checkpoint's parameters (``state["params"]``, named ``<module>$$$<parameter>`` as Pyro's param
-    store names them) into the instance's modules; a missing or misshapen one is a :class:`CheckpointError`."""
-    params = state["params"]
+    """Copy a checkpoint's parameters into the instance's modules: those of its best validation when the run
+    stopped early (``state["best"]``, :class:`~ppl_models.infer.Trainer`'s ``early_stopping``), else
+    ``state["params"]``; named ``<module>$$$<parameter>`` as Pyro's param store names them.  A missing or
+    misshapen one is a :class:`CheckpointError`."""
+    params = state["best"]["params"] if state.get("best") else state["params"]
     with torch.no_grad():
         for key, module in instance.modules.items():
             for name, p in module.named_parameters():

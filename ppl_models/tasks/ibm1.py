@@ -62,6 +62,7 @@ __all__ = [
     "LINK_METHODS",
     "IBM1Aligner",
     "fit_ibm1",
+    "check_text",
     "encode_corpus",
     "unknown_counts",
     "link_posteriors",
@@ -73,6 +74,9 @@ __all__ = [
     "resolve_config",
     "make_trainer",
     "evaluate",
+    "evaluate_em",
+    "corpus_pairs",
+    "load_em_tables",
     "write_run_files",
     "load_aligner",
 ]
@@ -108,7 +112,7 @@ class IBM1Aligner:
                              f"received {method!r} (its prior is uniform and it has no q)")
         if threshold is not None and not 0.0 <= threshold < 1.0:
             raise ValueError(f"align: --threshold: expected a probability in [0, 1), received {threshold!r}")
-        post = link_posteriors(self, src, tgt)
+        post = self.posteriors(src, tgt)
         if method == "threshold":
             out = threshold_links(post, 0.5 if threshold is None else threshold)
         else:
@@ -119,8 +123,12 @@ class IBM1Aligner:
             bar.update(len(src))
         return out
 
+    def posteriors(self, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> List[torch.Tensor]:
+        """:func:`link_posteriors` of the pairs."""
+        return link_posteriors(self, src, tgt)
 
-def _check_text(what: str, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> None:
+
+def check_text(what: str, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> None:
     if len(src) != len(tgt):
         raise ValueError(f"{what}: expected as many source as target sentences, received {len(src)} and {len(tgt)}")
     for n, (s, t) in enumerate(zip(src, tgt)):
@@ -137,7 +145,7 @@ def fit_ibm1(src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], *, num_
     :param src: tokenized source sentences (the conditioning side).
     :param tgt: tokenized target sentences, one per source sentence (the generated side).
     """
-    _check_text("fit_ibm1", src, tgt)
+    check_text("fit_ibm1", src, tgt)
     src_vocab, tgt_vocab = Vocab.build(src), Vocab.build(tgt)
     corpus = IBM1Corpus([src_vocab.encode(s) for s in src], [tgt_vocab.encode(t) for t in tgt], len(src_vocab),
                         len(tgt_vocab))
@@ -148,7 +156,7 @@ def fit_ibm1(src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], *, num_
 
 def encode_corpus(aligner: IBM1Aligner, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> IBM1Corpus:
     """The pairs in the aligner's vocabularies (unseen words: ``<unk>``)."""
-    _check_text("encode_corpus", src, tgt)
+    check_text("encode_corpus", src, tgt)
     return IBM1Corpus([aligner.src_vocab.encode(s) for s in src], [aligner.tgt_vocab.encode(t) for t in tgt],
                       len(aligner.src_vocab), len(aligner.tgt_vocab))
 
@@ -223,12 +231,17 @@ def resolve_config(config):
     return dataclasses.replace(config, guide=dataclasses.replace(config.guide, name=config.guide.name or "enumerate"))
 
 
-def _corpus(dataset, src_vocab_size: int, tgt_vocab_size: int) -> IBM1Corpus:
-    """An :class:`~ppl_models.data.parallel.ParallelText` (or its first rows, ``[data] limit_*``) as an
-    :class:`IBM1Corpus`: target sentences without their ``<eos>``."""
+def corpus_pairs(dataset) -> Tuple[list, list]:
+    """The source and target sentences (index lists, the targets without their ``<eos>``) of a
+    :class:`~ppl_models.data.parallel.ParallelText` or of its first rows (``[data] limit_*``)."""
     if hasattr(dataset, "base") and not hasattr(dataset, "src"):
         dataset = dataset.base.head(dataset.num_data)
-    return IBM1Corpus(dataset.src, [t[:-1] for t in dataset.tgt], src_vocab_size, tgt_vocab_size)
+    return dataset.src, [t[:-1] for t in dataset.tgt]
+
+
+def _corpus(dataset, src_vocab_size: int, tgt_vocab_size: int) -> IBM1Corpus:
+    """A data set's pairs (:func:`corpus_pairs`) as an :class:`IBM1Corpus`."""
+    return IBM1Corpus(*corpus_pairs(dataset), src_vocab_size, tgt_vocab_size)
 
 
 class EMTrainer:
@@ -243,10 +256,11 @@ class EMTrainer:
     """
 
     parallel = None
+    model_name = "ibm1"
 
     def __init__(self, experiment, splits: dict, instance, *, run_dir=None, progress: Optional[bool] = None,
                  setup_start: Optional[float] = None, **ignored):
-        self.params: IBM1Params = instance.modules["params"]
+        self.params = instance.modules["params"]
         self.train = splits["train"]
         self.num_iterations = experiment.config.train.num_epochs
         self.keep_last = experiment.config.train.keep_last
@@ -258,17 +272,22 @@ class EMTrainer:
         self._written: List[str] = []
         self._corpus: Optional[IBM1Corpus] = None
 
-    def _setup(self) -> IBM1Corpus:
+    def _setup(self):
         """The training corpus (built once; data that do not fit the table's vocabularies fail here)."""
         if self._corpus is None:
-            self._corpus = _corpus(self.train, self.params.src_vocab_size, self.params.tgt_vocab_size)
+            self._corpus = self.make_corpus(self.train, self.params.src_vocab_size, self.params.tgt_vocab_size)
         return self._corpus
+
+    @staticmethod
+    def make_corpus(dataset, src_vocab_size: int, tgt_vocab_size: int):
+        """The EM corpus of a split (:class:`IBM1Corpus`)."""
+        return _corpus(dataset, src_vocab_size, tgt_vocab_size)
 
     def state_dict(self) -> dict:
         """The checkpoint: the table (``tables``), the step (= iterations) and history, in the engine's checkpoint
         format (:data:`ppl_models.infer.checkpoint.REQUIRED_KEYS`), its optimizer and batch keys empty: EM has
         neither, and it draws no random numbers."""
-        return {"settings": {"model": "ibm1", "num_data": int(self.train.num_data)}, "step": self.step,
+        return {"settings": {"model": self.model_name, "num_data": int(self.train.num_data)}, "step": self.step,
                 "epoch": self.step, "batch_in_epoch": 0, "params": {}, "optimizer": {}, "rng": capture_rng_state(),
                 "generator": torch.Generator().get_state(), "perm": torch.zeros(0, dtype=torch.long),
                 "partial": [0.0, 0, 0.0, 0], "history": self.history, "tables": {"params": self.params.state_dict()},
@@ -276,10 +295,14 @@ class EMTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         if "tables" not in state:
-            raise CheckpointError("cannot load: the checkpoint holds no IBM Model 1 table (state['tables'])")
+            raise CheckpointError(f"cannot load: the checkpoint holds no {self.model_name} table (state['tables'])")
         self.params.load_state_dict(state["tables"]["params"])
         self.step, self.history = int(state["step"]), state["history"]
         self._written = list(state.get("checkpoints", []))
+
+    def use_best(self) -> None:
+        """The engine trainer's interface: EM selects no parameters by validation, so there is none to restore."""
+        return None
 
     def resume(self) -> Optional[Path]:
         path, state = newest_readable_checkpoint(self.run_dir / "checkpoints", report=True)
@@ -322,23 +345,31 @@ def make_trainer(experiment, splits: dict, instance, **overrides) -> EMTrainer:
 
 
 def evaluate(experiment, instance, dataset, split: str):
-    r"""The exact log-likelihood :math:`\log p(f \mid e)` of the split's pairs (no ``<eos>``; words unseen in
-    training are ``<unk>``): a target word none of whose source words (nor NULL) co-occurred with it in training has
+    r"""The exact log-likelihood :math:`\log p(f \mid e)` of the split's pairs (:func:`evaluate_em`)."""
+    return evaluate_em(EMTrainer, instance, dataset, split)
+
+
+def evaluate_em(trainer_cls, instance, dataset, split: str):
+    r"""The exact log-likelihood :math:`\log p(f \mid e)` of the split's pairs under an EM-fitted alignment model
+    (``trainer_cls``: its :class:`EMTrainer`, for the corpus and the name) — no ``<eos>``; words unseen in training
+    are ``<unk>``: a target word none of whose source words (nor NULL) co-occurred with it in training has
     :math:`t = 0`, so its sentence is counted apart (``sentences_with_zero_probability``) and the perplexity is over
     the others."""
     from ppl_models.tasks.alignment import AlignmentEval
 
     start = time.perf_counter()
-    params: IBM1Params = instance.modules["params"]
-    corpus = _corpus(dataset, params.src_vocab_size, params.tgt_vocab_size)
+    params = instance.modules["params"]
+    corpus = trainer_cls.make_corpus(dataset, params.src_vocab_size, params.tgt_vocab_size)
     log_lik = params.log_likelihood(corpus)
+    tgt_lengths = getattr(corpus, "ibm1", corpus).tgt_lengths
     finite = torch.isfinite(log_lik)
-    tokens = int(corpus.tgt_lengths[finite].sum())
+    tokens = int(tgt_lengths[finite].sum())
     nll = -float(log_lik[finite].sum()) / max(1, tokens)
+    table = getattr(params, "trans", params)
     return AlignmentEval({
-        "model": "ibm1", "split": split, "num_data": corpus.num_data, "num_tokens": int(corpus.tgt_lengths.sum()),
-        "sentences_with_zero_probability": int((~finite).sum()), "nll_per_token": nll,
-        "perplexity": math.exp(nll) if tokens else math.nan, "table_entries": params.num_entries,
+        "model": trainer_cls.model_name, "split": split, "num_data": corpus.num_data,
+        "num_tokens": int(tgt_lengths.sum()), "sentences_with_zero_probability": int((~finite).sum()),
+        "nll_per_token": nll, "perplexity": math.exp(nll) if tokens else math.nan, "table_entries": table.num_entries,
         "likelihood": "exact: sum over alignments, sentences with a zero-probability word left out",
         "wall_time_s": time.perf_counter() - start})
 
@@ -351,11 +382,16 @@ def load_aligner(experiment, **ignored) -> IBM1Aligner:
     src_vocab, tgt_vocab, lower = read_run_vocab(experiment)
     dtype = {"float64": torch.float64, "float32": torch.float32}[experiment.config.model.hparams.get("dtype", "float64")]
     params = IBM1Params(len(src_vocab), len(tgt_vocab), dtype=dtype)
+    return IBM1Aligner(params, src_vocab, tgt_vocab, load_em_tables(experiment, params), lower=lower)
+
+
+def load_em_tables(experiment, params) -> EMResult:
+    """Load the newest readable checkpoint of an EM run (:class:`EMTrainer`) into ``params``; its EM trace."""
     path, state = newest_readable_checkpoint(Path(experiment.run_dir) / "checkpoints", report=True)
     if path is None:
         raise CheckpointError(f"{Path(experiment.run_dir) / 'checkpoints'} holds no readable checkpoint")
     if "tables" not in state:
-        raise CheckpointError(f"{path}: holds no IBM Model 1 table (state['tables'])")
+        raise CheckpointError(f"{path}: holds no {experiment.config.model.name} table (state['tables'])")
     params.load_state_dict(state["tables"]["params"])
     trace = [float(v) for v in state["history"].get("train_elbo", [])]
-    return IBM1Aligner(params, src_vocab, tgt_vocab, EMResult(trace, len(trace)), lower=lower)
+    return EMResult(trace, len(trace))
