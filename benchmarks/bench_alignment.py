@@ -8,7 +8,8 @@ validation by the exact log-likelihood, the learning rate halved on a plateau, e
 ``[train] time_limit`` for every variant) once per seed of ``--seeds``, each run in
 ``<run-root>/<variant>[-learned]-seed<k>``; a run whose ``summary.json`` exists is read, not trained again (so the
 table can be built over several sessions; ``--table-only`` trains nothing).  Printed: test perplexity (exact) per
-seed, the mean, steps and epochs, and the issue's checks on the means — exact ~ variational-enum <= variational
+seed, the mean, steps (and the step of the best validation, whose parameters are evaluated), epochs and beam
+BLEU, and the issue's checks on the means — exact ~ variational-enum <= variational
 < soft < hard, variational within 5 % of variational-enum, hard within 10 % of soft — plus one JSON line.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_alignment.py --table --seeds 0 1 --learned-baseline   # ~4 CPU-h
@@ -151,7 +152,7 @@ def train_run(config: str, variant: str, baseline: str, seed: int, run_dir: Path
     experiment = Experiment.from_file(config, overrides, run_dir=run_dir)
     result, metrics = experiment.fit()
     summary = dict(metrics.to_metrics(), train_steps=result.step, train_epochs=result.epoch,
-                   train_seconds=result.train_seconds, baseline=baseline, seed=seed)
+                   train_seconds=result.train_seconds, best_step=result.best_step, baseline=baseline, seed=seed)
     atomic_write_bytes(run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
 
@@ -171,26 +172,29 @@ def table(args) -> dict:
             run_dir = Path(args.run_root) / _run_name(variant, baseline, seed)
             path = run_dir / "summary.json"
             if path.is_file():
-                results[(variant, baseline, seed)] = json.loads(path.read_text())
+                results[(variant, baseline, seed)] = summary = json.loads(path.read_text())
+                if "best_step" not in summary and (run_dir / "train.json").is_file():
+                    summary["best_step"] = json.loads((run_dir / "train.json").read_text()).get("best_step")
             elif not args.table_only:
                 results[(variant, baseline, seed)] = train_run(args.config, variant, baseline, seed, run_dir,
                                                                not args.no_progress)
     ppl = {}
     print(f"test perplexity (exact), {args.config}, seeds {args.seeds}; runs in {args.run_root}")
     print("| variant | baseline | " + " | ".join(f"PPL seed {s}" for s in args.seeds)
-          + " | PPL mean | steps | epochs |")
-    print("|---|---|" + "---|" * (len(args.seeds) + 3))
+          + " | PPL mean | steps (best) | epochs | BLEU beam |")
+    print("|---|---|" + "---|" * (len(args.seeds) + 4))
     for variant, baseline in rows:
         found = [results.get((variant, baseline, s)) for s in args.seeds]
         values = [m["perplexity"] for m in found if m]
         if values:
             ppl[(variant, baseline)] = statistics.mean(values)
         cells = [f"{m['perplexity']:.2f}" if m else "" for m in found]
-        steps = "/".join(str(m["train_steps"]) for m in found if m)
-        epochs = "/".join(str(m["train_epochs"]) for m in found if m)
+        steps = " / ".join(f"{m['train_steps']} ({m.get('best_step') or '-'})" for m in found if m)
+        epochs = " / ".join(str(m["train_epochs"]) for m in found if m)
+        bleu = " / ".join(f"{m['bleu_beam']:.1f}" for m in found if m and "bleu_beam" in m)
         shown = "learned" if baseline == "learned" else ("soft" if variant in ("hard", "variational") else "")
         mean = f"{ppl[(variant, baseline)]:.2f}" if values else ""
-        print(f"| {variant} | {shown} | " + " | ".join(cells) + f" | {mean} | {steps} | {epochs} |")
+        print(f"| {variant} | {shown} | " + " | ".join(cells) + f" | {mean} | {steps} | {epochs} | {bleu} |")
     m = {v: ppl.get((v, "soft"), math.nan) for v in VARIANTS}
     checks = {
         "exact ~ variational-enum (within 5 %)": abs(m["exact"] / m["variational-enum"] - 1) <= 0.05,

@@ -39,9 +39,12 @@ __all__ = ["HMMAligner", "fit_hmm", "HMMEMTrainer", "resolve_config", "make_trai
 @dataclass
 class HMMAligner(IBM1Aligner):
     """A fitted HMM alignment model and the vocabularies of its training text (``params``: an
-    :class:`~ppl_models.hmm_align.HMMAlignParams`); links as :meth:`IBM1Aligner.links`."""
+    :class:`~ppl_models.hmm_align.HMMAlignParams`); links as :meth:`IBM1Aligner.links`, from the posterior
+    marginals: each target word's most probable position (posterior decoding, not the Viterbi path, which for IBM
+    Model 1 coincide)."""
 
     name: str = "hmm-align"
+    title = "the HMM alignment model"
 
     def posteriors(self, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> List[torch.Tensor]:
         r""":math:`p(a_j = i \mid e, f)` per pair: a ``(m, l + 1)`` tensor, column 0 NULL."""

@@ -101,6 +101,7 @@ class IBM1Aligner:
     em: EMResult
     lower: bool = True
     name: str = "ibm1"
+    title = "IBM Model 1"  # in messages (a class attribute, not a field)
 
     def links(self, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], method: str = "posterior",
               threshold: Optional[float] = None, bar=None) -> List[Set[Link]]:
@@ -108,8 +109,8 @@ class IBM1Aligner:
         (:func:`viterbi_links`; with ``threshold``, only those whose posterior is above it), ``"threshold"`` —
         :func:`threshold_links` (default 0.5)."""
         if method not in ("posterior", "threshold"):
-            raise ValueError(f"align: IBM Model 1 links by 'posterior' (Viterbi, NULL = unaligned) or 'threshold', "
-                             f"received {method!r} (its prior is uniform and it has no q)")
+            raise ValueError(f"align: {self.title} links by 'posterior' (the argmax, NULL = unaligned) or "
+                             f"'threshold', received {method!r} (it has no inference network q)")
         if threshold is not None and not 0.0 <= threshold < 1.0:
             raise ValueError(f"align: --threshold: expected a probability in [0, 1), received {threshold!r}")
         post = self.posteriors(src, tgt)
