@@ -119,7 +119,6 @@ class FitResult:
     threads: Optional[dict] = None
     best_step: Optional[int] = None  # with early_stopping: the step whose parameters the trainer holds at the end
 
-
     def to_metrics(self) -> dict:
         """The run's numbers as JSON (``train.json`` in the run directory); ``valid_share`` = valid / train seconds."""
         share = self.valid_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
@@ -200,7 +199,8 @@ class Trainer:
         or 0: never); with ``lr_schedule = "plateau"`` each of them has also halved the learning rate.  The
         parameters of the best validation so far are kept (in memory and in every checkpoint, ``"best"``), and
         at the end of :meth:`fit` the trainer holds them (:meth:`use_best`; ``FitResult.best_step``), however
-        the run ended: the model selected by validation, as Prechelt's early stopping returns it.
+        the run ended: the model selected by validation, as Prechelt's early stopping returns it.  (One process
+        only: with ``parallel`` a rank's parameters may be its own rows' alone, so the last ones are kept.)
     :param setup_start: ``clock()`` when the run's set-up began (the caller's data loading), for
         ``FitResult.setup_seconds``; ``None``: when :meth:`fit` is called.
     """
@@ -614,7 +614,9 @@ class Trainer:
     def _keep_if_best(self) -> None:
         """With ``early_stopping``: a copy of the parameters when the validation just appended is the best so far."""
         scores = self.validation_scores()
-        if not self.early_stopping or not scores or math.isnan(scores[-1]) or validations_since_best(scores) > 0:
+        if not self.early_stopping or self.parallel is not None or not scores or math.isnan(scores[-1]):
+            return
+        if validations_since_best(scores) > 0:
             return
         store = pyro.get_param_store()
         self._best = {"step": self.step, "score": scores[-1],

@@ -254,6 +254,8 @@ class EMTrainer:
     the table (``state["tables"]["params"]``) and the log-likelihood trace (``history``: ``train_elbo`` is the exact
     mean log-likelihood per sentence pair after each iteration).  A resumed run continues from the checkpoint's
     table for the iterations left.  The other ``[train]`` settings (optimizer, batches, validation) do not apply.
+    Another EM-fitted alignment model sets ``model_name`` and ``make_corpus`` (the HMM's
+    :class:`~ppl_models.tasks.hmm_align.HMMEMTrainer`); its parameters' ``init_from_corpus`` starts them.
     """
 
     parallel = None
