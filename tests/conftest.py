@@ -94,3 +94,12 @@ def shared_data() -> Path:
             f"(default {DEFAULT_SHARED_DATA})"
         )
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (exact float64 comparisons, tiny problems), restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

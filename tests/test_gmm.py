@@ -35,12 +35,7 @@ TRUE_COVS = [[[1.0, 0.5], [0.5, 1.0]], [[0.5, -0.2], [-0.2, 0.8]], [[1.5, 0.0], 
 TRUE_WEIGHTS = [0.5, 0.3, 0.2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def true_params(covariance="diag", weights=TRUE_WEIGHTS, learn_weights=True) -> gmm.GMMParams:

@@ -28,12 +28,7 @@ V_SRC, V_TGT = 5, 5
 MAX_JUMP, P0 = 2, 0.3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def corpus_and_params(chunk_size=2, seed=0, **kwargs):

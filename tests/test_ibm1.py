@@ -26,12 +26,7 @@ TGT = [[1, 2, 3], [1], [3, 4], [2, 2, 4, 0]]
 V_SRC, V_TGT = 5, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def corpus_and_params(iterations: int = 2):
