@@ -36,14 +36,15 @@ class FakeClock:
         return self.now
 
 
-def trained_for(seconds):
-    """The training seconds ``t`` of a :class:`RunClock` on a :class:`FakeClock` moved ``seconds`` past the first
-    step: the schedules read t from the run's clock, and here that clock is injected."""
+def on_fake_clock(elapsed, budget):
+    """The time arguments of a schedule (``seconds``, ``time_limit``) read from a :class:`RunClock` on a
+    :class:`FakeClock` moved ``elapsed`` fake seconds past the first step, with a budget of ``budget`` fake
+    seconds: the schedules read t from the run's clock, and here that clock is injected (no wall time)."""
     fake = FakeClock()
     run_clock = RunClock(clock=fake)
     run_clock.start()
-    fake.now += seconds
-    return run_clock.train_seconds()
+    fake.now += elapsed
+    return {"seconds": run_clock.train_seconds(), "time_limit": budget}
 
 
 # ------------------------------------------------------------------------------------------- closed forms
@@ -51,7 +52,7 @@ def test_constant_schedule_is_one_everywhere():
     schedule = make_lr_schedule("constant")
     assert schedule.is_constant
     assert [schedule(s, 100) for s in (0, 1, 50, 99, 150)] == [1.0] * 5
-    assert schedule(7, 100, seconds=trained_for(9.0), time_limit=10.0) == 1.0
+    assert schedule(7, 100, **on_fake_clock(9.0, 10.0)) == 1.0
 
 
 def test_step_schedule_is_burdas_on_a_3280_epoch_run():
@@ -106,15 +107,15 @@ def test_warmup_in_steps_and_as_a_fraction():
 def test_time_based_progress_is_elapsed_over_the_limit():
     """With a time limit the progress is max(s/S, t/T): a budgeted run anneals by the end of its budget."""
     cosine = make_lr_schedule("cosine")
-    t = trained_for(30.0)  # a quarter of the 120 s limit
-    assert cosine(3, 10**9, seconds=t, time_limit=120.0) == 0.1 + 0.9 * (1 + math.cos(math.pi * 0.25)) / 2
-    assert cosine(900, 1000, seconds=t, time_limit=120.0) == cosine(900, 1000)  # the steps end it first
+    quarter = on_fake_clock(30.0, 120.0)  # a quarter of the budget
+    assert cosine(3, 10**9, **quarter) == 0.1 + 0.9 * (1 + math.cos(math.pi * 0.25)) / 2
+    assert cosine(900, 1000, **quarter) == cosine(900, 1000)  # the steps end it first
     step = make_lr_schedule("step")
-    assert step.stage(0, 10**9, seconds=trained_for(120.0 * 2186.01 / 6560), time_limit=120.0) == 7
-    assert step.stage(0, 10**9, seconds=trained_for(120.0 * 2185.99 / 6560), time_limit=120.0) == 6
+    assert step.stage(0, 10**9, **on_fake_clock(120.0 * 2186.01 / 6560, 120.0)) == 7
+    assert step.stage(0, 10**9, **on_fake_clock(120.0 * 2185.99 / 6560, 120.0)) == 6
     warm = make_lr_schedule("constant", warmup=0.25)
-    assert warm(0, 10**9, seconds=trained_for(15.0), time_limit=120.0) == 0.5
-    assert warm(0, 10**9, seconds=trained_for(0.0), time_limit=120.0) == pytest.approx(1 / (0.25 * 10**9))
+    assert warm(0, 10**9, **on_fake_clock(15.0, 120.0)) == 0.5
+    assert warm(0, 10**9, **on_fake_clock(0.0, 120.0)) == pytest.approx(1 / (0.25 * 10**9))
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
