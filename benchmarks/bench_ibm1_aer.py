@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
         print(f"{name:<28} {s.aer:6.3f} {s.precision:6.3f} {s.recall:6.3f} {s.num_predicted:5d}  {mark}")
     for name, fit in fits.items():
         ll = fit.em.log_likelihood
-        print(f"{name}: {getattr(fit.params, 'trans', fit.params).num_entries} table entries (src vocab {len(fit.src_vocab)}, tgt vocab "
+        print(f"{name}: {fit.params.num_entries} table entries (src vocab {len(fit.src_vocab)}, tgt vocab "
               f"{len(fit.tgt_vocab)}), mean log-lik/pair {ll[0]:.2f} -> {ll[-1]:.2f}, fit {times[name]:.1f} s")
     print(f"load {t_load:.1f} s, align + score {t_align:.2f} s, threads {torch.get_num_threads()}")
     result = {

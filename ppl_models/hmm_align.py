@@ -109,6 +109,11 @@ class HMMCorpus:
     def tgt_vocab_size(self) -> int:
         return self.ibm1.tgt_vocab_size
 
+    @property
+    def tgt_lengths(self) -> torch.Tensor:
+        """:math:`m_n`, shape ``(N,)``."""
+        return self.ibm1.tgt_lengths
+
 
 def _pad(sentences: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in sentences])
@@ -173,6 +178,11 @@ class HMMAlignParams(nn.Module):
     @property
     def tgt_vocab_size(self) -> int:
         return self.trans.tgt_vocab_size
+
+    @property
+    def num_entries(self) -> int:
+        """Entries of the translation table."""
+        return self.trans.num_entries
 
     @torch.no_grad()
     def init_from_corpus(self, corpus: HMMCorpus) -> "HMMAlignParams":
@@ -318,22 +328,13 @@ def _unemittable(hmm: HMMTables) -> torch.Tensor:
     return hmm.tgt_mask & (hmm.emit.sum(-1) == 0)
 
 
-def forward_backward(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths) -> dict:
-    r"""The scaled forward–backward recursions of a padded batch.
-
-    Returns ``log_likelihood`` ``(B,)``, ``links`` :math:`p(a_j = i \mid e, f)` ``(B, T, S + 1)`` (column 0 NULL;
-    0 at padded positions) and ``jump_counts`` ``(B, S + 1, S)``: the expected number of moves from position
-    :math:`i'` to source word :math:`i` (the first move from :math:`i' = 0`).
-
-    A target word that no state can emit (unseen with any of the sentence's words in training) makes its
-    sentence's ``log_likelihood`` :math:`-\infty`, as in IBM Model 1; for the links it is left out of the chain
-    (marginalized: it informs no alignment) and gets none itself (a zero row), so it does not erase the
-    sentence's other links."""
+def _forward(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths):
+    """The scaled forward recursion: ``(hmm, zero, alpha (B, T, K), scale (B, T), log_likelihood (B,))``, the
+    HMM's tables with the unemittable words (``zero``, :func:`_unemittable`) left out of the chain."""
     hmm = tables(params, src, src_lengths, tgt, tgt_lengths)
     zero = _unemittable(hmm)
     hmm = hmm._replace(emit=torch.where(zero[:, :, None], torch.ones_like(hmm.emit), hmm.emit))
     B, T, K = hmm.emit.shape
-    S = src.shape[1]
     alpha = torch.zeros(B, T, K, dtype=hmm.emit.dtype)
     scale = torch.ones(B, T, dtype=hmm.emit.dtype)
     prev = None
@@ -346,6 +347,24 @@ def forward_backward(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths)
         prev = cur if j == 0 else torch.where(m[:, None], cur, prev)
         alpha[:, j] = prev
         scale[:, j] = torch.where(m, c, torch.ones_like(c))
+    log_lik = torch.where(zero.any(-1), torch.tensor(-math.inf, dtype=scale.dtype), scale.log().sum(-1))
+    return hmm, zero, alpha, scale, log_lik
+
+
+def forward_backward(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths) -> dict:
+    r"""The scaled forward–backward recursions of a padded batch.
+
+    Returns ``log_likelihood`` ``(B,)``, ``links`` :math:`p(a_j = i \mid e, f)` ``(B, T, S + 1)`` (column 0 NULL;
+    0 at padded positions) and ``jump_counts`` ``(B, S + 1, S)``: the expected number of moves from position
+    :math:`i'` to source word :math:`i` (the first move from :math:`i' = 0`).
+
+    A target word that no state can emit (unseen with any of the sentence's words in training) makes its
+    sentence's ``log_likelihood`` :math:`-\infty`, as in IBM Model 1; for the links it is left out of the chain
+    (marginalized: it informs no alignment) and gets none itself (a zero row), so it does not erase the
+    sentence's other links."""
+    hmm, zero, alpha, scale, log_lik = _forward(params, src, src_lengths, tgt, tgt_lengths)
+    B, T, K = hmm.emit.shape
+    S = src.shape[1]
     beta = torch.ones(B, T, K, dtype=alpha.dtype)
     for j in range(T - 1, 0, -1):
         back = torch.bmm(hmm.trans, (hmm.emit[:, j] * beta[:, j])[:, :, None])[:, :, 0] / scale[:, j, None]
@@ -359,13 +378,12 @@ def forward_backward(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths)
     came_from[:, 1:, 1:] += alpha[:, :-1, :S]
     arrive = hmm.emit[:, :, :S] * beta[:, :, :S] / scale[:, :, None] * hmm.tgt_mask[:, :, None]  # (B, T, S)
     jump_counts = torch.einsum("btp,bti->bpi", came_from, arrive) * hmm.jump
-    log_lik = torch.where(zero.any(-1), torch.tensor(-math.inf, dtype=scale.dtype), scale.log().sum(-1))
     return {"log_likelihood": log_lik, "links": links, "jump_counts": jump_counts}
 
 
 def log_likelihood(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths) -> torch.Tensor:
-    r"""Exact :math:`\log p(f \mid e)` of every pair of a padded batch, ``(B,)`` (the forward algorithm)."""
-    return forward_backward(params, src, src_lengths, tgt, tgt_lengths)["log_likelihood"]
+    r"""Exact :math:`\log p(f \mid e)` of every pair of a padded batch, ``(B,)`` (the forward algorithm alone)."""
+    return _forward(params, src, src_lengths, tgt, tgt_lengths)[-1]
 
 
 def posterior(params: HMMAlignParams, src, src_lengths, tgt, tgt_lengths) -> torch.Tensor:

@@ -96,10 +96,48 @@ def shared_data() -> Path:
     return path
 
 
+def _torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (exact float64 comparisons, tiny problems), restored after it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads for the test (the thread tuner's choices), restored after it."""
+    yield from _torch_threads(2)
+
+
+@pytest.fixture
+def hansards_em_config(tmp_path, shared_data):
+    """``make(source, target, name, model_lines, num_epochs)``: a config of an EM-fitted aligner (``[model]``
+    ``model_lines``) on the Hansards test text alone (447 pairs; the direction ``source`` -> ``target``, file
+    suffixes ``e``/``f``), lowercased, ``num_epochs`` EM iterations, no plots; written to ``tmp_path/<name>.toml``."""
+    h = shared_data / "hansards_align"
+
+    def make(source: str, target: str, name: str, model_lines: str, num_epochs: int) -> Path:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"""
+[model]
+{model_lines}
+[data]
+name = "parallel"
+source = "{h / f'test.{source}.gz'}"
+target = "{h / f'test.{target}.gz'}"
+lower = true
+[train]
+num_epochs = {num_epochs}
+validate = false
+[output]
+plots = false
+""")
+        return config
+
+    return make

@@ -206,28 +206,12 @@ def test_bad_inputs_are_clear_errors():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _hansards_config(tmp_path, shared_data, source: str, target: str, name: str):
-    h = shared_data / "hansards_align"
-    config = tmp_path / f"{name}.toml"
-    config.write_text(f"""
-[model]
-name = "hmm-align"
-ibm1_iterations = 3
-[data]
-name = "parallel"
-source = "{h / f'test.{source}.gz'}"
-target = "{h / f'test.{target}.gz'}"
-lower = true
-[train]
-num_epochs = 3
-validate = false
-[output]
-plots = false
-""")
-    return config
+def _hansards_config(make, source: str, target: str, name: str):
+    """The HMM on the Hansards test text (``hansards_em_config``): 3 IBM Model 1 then 3 HMM EM iterations."""
+    return make(source, target, name, 'name = "hmm-align"\nibm1_iterations = 3', num_epochs=3)
 
 
-def test_fit_align_evaluate_and_resume_on_the_hansards_text(tmp_path, shared_data, capsys):
+def test_fit_align_evaluate_and_resume_on_the_hansards_text(tmp_path, shared_data, capsys, hansards_em_config):
     """``ppl-models fit`` trains the HMM by EM after IBM Model 1's iterations; ``align --reverse --gold`` scores
     both directions and the intersection on the trial pairs; ``evaluate`` reproduces the last EM log-likelihood;
     a run resumed to more iterations ends where an uninterrupted one does."""
@@ -236,7 +220,7 @@ def test_fit_align_evaluate_and_resume_on_the_hansards_text(tmp_path, shared_dat
     runs = {}
     for name, (s, t) in {"ef": ("e", "f"), "fe": ("f", "e")}.items():
         runs[name] = tmp_path / name
-        assert cli_main(["fit", str(_hansards_config(tmp_path, shared_data, s, t, name)), "--run-dir",
+        assert cli_main(["fit", str(_hansards_config(hansards_em_config, s, t, name)), "--run-dir",
                          str(runs[name]), "--no-progress", "--no-evaluate"]) == 0
     h = shared_data / "hansards_align"
     capsys.readouterr()
@@ -255,7 +239,7 @@ def test_fit_align_evaluate_and_resume_on_the_hansards_text(tmp_path, shared_dat
     assert metrics["model"] == "hmm-align" and metrics["sentences_with_zero_probability"] == 0
     torch.testing.assert_close(-metrics["nll_per_token"] * metrics["num_tokens"] / metrics["num_data"], history[-1],
                                rtol=1e-9, atol=0)
-    config = _hansards_config(tmp_path, shared_data, "e", "f", "ef")
+    config = _hansards_config(hansards_em_config, "e", "f", "ef")
     short = tmp_path / "short"
     assert cli_main(["fit", str(config), "--run-dir", str(short), "--no-progress", "--no-evaluate",
                      "--num-epochs", "1"]) == 0

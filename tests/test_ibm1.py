@@ -257,29 +257,12 @@ def test_hansards_text_is_read_and_lowercased(shared_data):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _hansards_config(tmp_path, shared_data, source: str, target: str, name: str):
-    """IBM Model 1 on the Hansards test text alone (447 pairs; the direction ``source`` -> ``target``, file
-    suffixes ``e``/``f``), lowercased, 5 EM iterations."""
-    h = shared_data / "hansards_align"
-    config = tmp_path / f"{name}.toml"
-    config.write_text(f"""
-[model]
-name = "ibm1"
-[data]
-name = "parallel"
-source = "{h / f'test.{source}.gz'}"
-target = "{h / f'test.{target}.gz'}"
-lower = true
-[train]
-num_epochs = 5
-validate = false
-[output]
-plots = false
-""")
-    return config
+def _hansards_config(make, source: str, target: str, name: str):
+    """IBM Model 1 on the Hansards test text (``hansards_em_config``), 5 EM iterations."""
+    return make(source, target, name, 'name = "ibm1"', num_epochs=5)
 
 
-def test_fit_by_em_then_align_the_trial_set_with_gold(tmp_path, shared_data, capsys):
+def test_fit_by_em_then_align_the_trial_set_with_gold(tmp_path, shared_data, capsys, hansards_em_config):
     """``ppl-models fit`` trains IBM Model 1 by exact EM (no SVI engine), writes its vocabularies; ``ppl-models
     align`` reads the run back without the corpus and, with ``--reverse`` and ``--gold``, scores both directions
     and their intersection on the 37 trial pairs (cased input, lowercased as the run's text was)."""
@@ -288,7 +271,7 @@ def test_fit_by_em_then_align_the_trial_set_with_gold(tmp_path, shared_data, cap
     runs = {}
     for name, (s, t) in {"ef": ("e", "f"), "fe": ("f", "e")}.items():
         runs[name] = tmp_path / name
-        assert cli_main(["fit", str(_hansards_config(tmp_path, shared_data, s, t, name)), "--run-dir",
+        assert cli_main(["fit", str(_hansards_config(hansards_em_config, s, t, name)), "--run-dir",
                          str(runs[name]), "--no-progress", "--no-evaluate"]) == 0
         assert (runs[name] / "vocab.json").is_file()
     history = json.loads((runs["ef"] / "history.json").read_text())
@@ -323,12 +306,12 @@ def test_fit_by_em_then_align_the_trial_set_with_gold(tmp_path, shared_data, cap
     assert "IBM Model 1 links by 'posterior'" in capsys.readouterr().err
 
 
-def test_evaluate_and_resume_an_em_run(tmp_path, shared_data):
+def test_evaluate_and_resume_an_em_run(tmp_path, shared_data, hansards_em_config):
     """``ppl-models evaluate`` loads the EM checkpoint; ``--resume`` with more iterations continues from its table
     to the same table a longer run reaches."""
     from ppl_models.app.cli import main as cli_main
 
-    config = _hansards_config(tmp_path, shared_data, "e", "f", "ef")
+    config = _hansards_config(hansards_em_config, "e", "f", "ef")
     short, full = tmp_path / "short", tmp_path / "full"
     assert cli_main(["fit", str(config), "--run-dir", str(short), "--no-progress", "--no-evaluate",
                      "--num-epochs", "2"]) == 0

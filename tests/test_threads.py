@@ -9,14 +9,6 @@ import torch
 from ppl_models.infer.threads import ThreadTuner, check_threads
 
 
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 class FakeClock:
     def __init__(self):
         self.t = 0.0

@@ -30,7 +30,15 @@ from ppl_models.data.text import Vocab
 from ppl_models.hmm_align import HMMAlignParams, HMMCorpus
 from ppl_models.infer.em import fit_em
 from ppl_models.tasks.alignment import read_run_vocab, write_run_files
-from ppl_models.tasks.ibm1 import EMTrainer, IBM1Aligner, check_text, corpus_pairs, evaluate_em, load_em_tables
+from ppl_models.tasks.ibm1 import (
+    EMTrainer,
+    IBM1Aligner,
+    check_text,
+    corpus_pairs,
+    encode_pairs,
+    evaluate_em,
+    load_em_tables,
+)
 
 __all__ = ["HMMAligner", "fit_hmm", "HMMEMTrainer", "resolve_config", "make_trainer", "evaluate",
            "write_run_files", "load_aligner"]
@@ -49,9 +57,7 @@ class HMMAligner(IBM1Aligner):
     def posteriors(self, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> List[torch.Tensor]:
         r""":math:`p(a_j = i \mid e, f)` per pair: a ``(m, l + 1)`` tensor, column 0 NULL."""
         check_text("HMMAligner", src, tgt)
-        corpus = HMMCorpus([self.src_vocab.encode(s) for s in src], [self.tgt_vocab.encode(t) for t in tgt],
-                           len(self.src_vocab), len(self.tgt_vocab))
-        return self.params.link_posteriors(corpus)
+        return self.params.link_posteriors(encode_pairs(self.src_vocab, self.tgt_vocab, src, tgt, HMMCorpus))
 
 
 def fit_hmm(src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], *, num_iterations: int = 5,
@@ -65,8 +71,7 @@ def fit_hmm(src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], *, num_i
     """
     check_text("fit_hmm", src, tgt)
     src_vocab, tgt_vocab = Vocab.build(src), Vocab.build(tgt)
-    corpus = HMMCorpus([src_vocab.encode(s) for s in src], [tgt_vocab.encode(t) for t in tgt], len(src_vocab),
-                       len(tgt_vocab))
+    corpus = encode_pairs(src_vocab, tgt_vocab, src, tgt, HMMCorpus)
     params = HMMAlignParams(len(src_vocab), len(tgt_vocab), max_jump=max_jump, null_prob=null_prob,
                             ibm1_iterations=ibm1_iterations, dtype=dtype).init_from_corpus(corpus)
     result = fit_em(params, corpus, num_iterations=num_iterations, tol=tol, progress=progress)

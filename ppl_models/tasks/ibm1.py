@@ -64,6 +64,7 @@ __all__ = [
     "fit_ibm1",
     "check_text",
     "encode_corpus",
+    "encode_pairs",
     "unknown_counts",
     "link_posteriors",
     "viterbi_links",
@@ -148,8 +149,7 @@ def fit_ibm1(src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], *, num_
     """
     check_text("fit_ibm1", src, tgt)
     src_vocab, tgt_vocab = Vocab.build(src), Vocab.build(tgt)
-    corpus = IBM1Corpus([src_vocab.encode(s) for s in src], [tgt_vocab.encode(t) for t in tgt], len(src_vocab),
-                        len(tgt_vocab))
+    corpus = encode_pairs(src_vocab, tgt_vocab, src, tgt)
     params = IBM1Params(len(src_vocab), len(tgt_vocab), dtype=dtype).init_from_corpus(corpus)
     result = fit_em(params, corpus, num_iterations=num_iterations, tol=tol, progress=progress)
     return IBM1Aligner(params, src_vocab, tgt_vocab, result)
@@ -158,8 +158,15 @@ def fit_ibm1(src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]], *, num_
 def encode_corpus(aligner: IBM1Aligner, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> IBM1Corpus:
     """The pairs in the aligner's vocabularies (unseen words: ``<unk>``)."""
     check_text("encode_corpus", src, tgt)
-    return IBM1Corpus([aligner.src_vocab.encode(s) for s in src], [aligner.tgt_vocab.encode(t) for t in tgt],
-                      len(aligner.src_vocab), len(aligner.tgt_vocab))
+    return encode_pairs(aligner.src_vocab, aligner.tgt_vocab, src, tgt)
+
+
+def encode_pairs(src_vocab: Vocab, tgt_vocab: Vocab, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]],
+                 corpus_cls=IBM1Corpus):
+    """Tokenized pairs in these vocabularies (unseen words: ``<unk>``) as an EM corpus, ``corpus_cls`` (an
+    :class:`IBM1Corpus`, or e.g. the HMM's :class:`~ppl_models.hmm_align.HMMCorpus`)."""
+    return corpus_cls([src_vocab.encode(s) for s in src], [tgt_vocab.encode(t) for t in tgt], len(src_vocab),
+                      len(tgt_vocab))
 
 
 def unknown_counts(aligner: IBM1Aligner, src: Sequence[Sequence[str]], tgt: Sequence[Sequence[str]]) -> dict:
@@ -364,15 +371,13 @@ def evaluate_em(trainer_cls, instance, dataset, split: str):
     params = instance.modules["params"]
     corpus = trainer_cls.make_corpus(dataset, params.src_vocab_size, params.tgt_vocab_size)
     log_lik = params.log_likelihood(corpus)
-    tgt_lengths = getattr(corpus, "ibm1", corpus).tgt_lengths
     finite = torch.isfinite(log_lik)
-    tokens = int(tgt_lengths[finite].sum())
+    tokens = int(corpus.tgt_lengths[finite].sum())
     nll = -float(log_lik[finite].sum()) / max(1, tokens)
-    table = getattr(params, "trans", params)
     return AlignmentEval({
         "model": trainer_cls.model_name, "split": split, "num_data": corpus.num_data,
-        "num_tokens": int(tgt_lengths.sum()), "sentences_with_zero_probability": int((~finite).sum()),
-        "nll_per_token": nll, "perplexity": math.exp(nll) if tokens else math.nan, "table_entries": table.num_entries,
+        "num_tokens": int(corpus.tgt_lengths.sum()), "sentences_with_zero_probability": int((~finite).sum()),
+        "nll_per_token": nll, "perplexity": math.exp(nll) if tokens else math.nan, "table_entries": params.num_entries,
         "likelihood": "exact: sum over alignments, sentences with a zero-probability word left out",
         "wall_time_s": time.perf_counter() - start})
 
