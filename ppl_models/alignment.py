@@ -12,6 +12,13 @@ Generative story, for each sentence pair :math:`(x, y)` with source :math:`x = x
    alignments below stay conditionally independent given :math:`x, y`, as in Deng et al.'s setup;
 3. for each target step :math:`t`, the alignment prior
    :math:`p(z_t = i \mid x, y_{<t}) = \mathrm{softmax}_i(h_t^\top W \tilde x_i)` over the :math:`S` source positions;
+   with a jump prior (``jump_width`` :math:`D > 0`), also the previous alignment's position:
+   :math:`p(z_t = i \mid x, y_{<t}) \propto \exp(h_t^\top W \tilde x_i)\,\sum_j p(z_{t-1} = j \mid x, y_{\le t-1})\,
+   k(i - j)`, a learned jump kernel :math:`k(d) = \mathrm{softmax}(\kappa)_{\min(\max(d, -D), D)}` applied to the
+   previous step's *posterior* (:math:`z_0 = -1`, a virtual start).  That posterior is a function of :math:`x` and
+   :math:`y_{<t}`, not of a sampled :math:`z`, so the alignments stay conditionally independent given :math:`x, y`:
+   without the content term the prior is the one-step predictive of Vogel et al.'s HMM aligner, with it a
+   location-aware attention (Chorowski et al. 2015);
 4. the target token :math:`y_t \sim \mathrm{Categorical}(\mathrm{softmax}(O(A h_t + B \tilde x_{z_t}) + c))`,
    with an output embedding :math:`O` of dimension ``out_dim`` shared by both parts.
 
@@ -67,6 +74,9 @@ References:
     Luong, Pham & Manning (2015), Effective Approaches to Attention-based Neural Machine Translation (input feeding).
     Xu et al. (2015), Show, Attend and Tell (hard attention with REINFORCE).
     Mnih & Gregor (2014), Neural Variational Inference and Learning in Belief Networks (learned baselines).
+    Vogel, Ney & Tillmann (1996), HMM-Based Word Alignment in Statistical Translation (jumps).
+    Chorowski, Bahdanau, Serdyuk, Cho & Bengio (2015), Attention-Based Models for Speech Recognition
+    (location-aware attention).
     Pyro tutorials: "Inference with Discrete Latent Variables" (TraceEnum_ELBO), "SVI Part III" (TraceGraph_ELBO).
 """
 
@@ -129,7 +139,9 @@ class States:
     ``memory`` ``(B, S, 2H)``, ``hidden`` ``(B, T, H)``, ``src_mask`` ``(B, S)`` and ``tgt_mask`` ``(B, T)`` (bool,
     real positions), ``prior_logits`` ``(B, T, S)`` (log p(z_t | x, y_<t), normalized, padded positions at
     :data:`MASKED_LOGIT`); ``soft_log_lik`` ``(B, T)``: :math:`\log p_{\mathrm{soft}}(y_t)` once
-    :meth:`AlignmentNet.soft_log_lik` computed it (shared by a guide and the model of one ELBO evaluation).
+    :meth:`AlignmentNet.soft_log_lik` computed it (shared by a guide and the model of one ELBO evaluation);
+    ``log_emission`` ``(B, T, S)``: :meth:`AlignmentNet.emission_table` of the targets ``emission_value``
+    ``(B, T)``, kept when the jump prior needed it.
     """
 
     memory: torch.Tensor
@@ -138,6 +150,8 @@ class States:
     tgt_mask: torch.Tensor
     prior_logits: torch.Tensor
     soft_log_lik: Optional[torch.Tensor] = None
+    log_emission: Optional[torch.Tensor] = None
+    emission_value: Optional[torch.Tensor] = None
 
 
 class AlignmentNet(nn.Module):
@@ -155,11 +169,13 @@ class AlignmentNet(nn.Module):
     :param input_feed: feed the previous step's soft context to the decoder (step 2).
     :param baseline: the score-function baseline of the sampled variants, one of :data:`BASELINES` (ignored by
         the others).
+    :param jump_width: ``D > 0``: the jump prior of step 3 over jumps ``-D .. D`` (longer ones share the end
+        values); ``0``: none.  Latent variants without input feeding only.
     """
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, emb_dim: int = 64, hidden_dim: int = 128,
                  variant: str = "exact", bos_index: int = 2, dropout: float = 0.0, out_dim: int = 0,
-                 input_feed: bool = False, baseline: str = "soft"):
+                 input_feed: bool = False, baseline: str = "soft", jump_width: int = 0):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"alignment model: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
@@ -167,6 +183,12 @@ class AlignmentNet(nn.Module):
             raise ValueError(f"alignment model: unknown baseline {baseline!r}; valid baselines: {', '.join(BASELINES)}")
         if not isinstance(input_feed, bool):
             raise ValueError(f"alignment model: input_feed must be true or false, received {input_feed!r}")
+        if isinstance(jump_width, bool) or not isinstance(jump_width, int) or jump_width < 0:
+            raise ValueError(f"alignment model: jump_width must be an integer >= 0, received {jump_width!r}")
+        if jump_width and (variant == "soft" or input_feed):
+            raise ValueError(f"alignment model: jump_width > 0 needs a latent variant without input feeding (its "
+                             f"prior reads the previous step's posterior), received variant {variant!r} with "
+                             f"input_feed = {str(input_feed).lower()}")
         for name, size in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
             if not isinstance(size, int) or size < 5:
                 raise ValueError(f"alignment model: {name} must be an integer >= 5 (4 specials + a word), "
@@ -185,6 +207,9 @@ class AlignmentNet(nn.Module):
         self.out_memory = nn.Linear(self.memory_dim, out_dim, bias=False)  # B x_i
         self.out = nn.Linear(out_dim, tgt_vocab_size)  # O (.) + c
         self.dropout = nn.Dropout(dropout)
+        self.jump_width = jump_width
+        if jump_width:
+            self.jump_logits = nn.Parameter(torch.zeros(2 * jump_width + 1))  # kappa: a uniform kernel to start
         self._cache: Optional[tuple] = None
 
     # ------------------------------------------------------------------ steps 1-3
@@ -218,28 +243,61 @@ class AlignmentNet(nn.Module):
             priors.append(prior)
         return torch.stack(hidden, 1), torch.stack(priors, 1)
 
-    def _step(self, emb, state, context, memory, src_mask):
+    def _step(self, emb, state, context, memory, src_mask, posterior=None):
         x = torch.cat([emb, context], -1) if self.input_feed else emb
         out, state = self.decoder(x[:, None, :], state)
         h = self.dropout(out[:, 0])
-        prior = self.prior_logits(h[:, None, :], memory, src_mask)[:, 0]
+        scores = self.scores(h[:, None, :], memory)[:, 0]
+        if self.jump_width:
+            scores = scores + self.jump_bias(posterior, memory.shape[1])
+        prior = scores.masked_fill(~src_mask, MASKED_LOGIT).log_softmax(-1)
         return h, state, prior, torch.bmm(prior.exp()[:, None, :], memory)[:, 0]
 
     def step(self, token: torch.Tensor, state, context: Optional[torch.Tensor], memory: torch.Tensor,
-             src_mask: torch.Tensor):
+             src_mask: torch.Tensor, posterior: Optional[torch.Tensor] = None):
         """One decoder step for decoding: previous tokens ``token`` ``(N,)``, GRU ``state`` (``None`` at the start),
-        the previous soft ``context`` ``(N, 2H)`` (``None``: zeros) -> ``(h_t (N, H), state, prior logits (N, S),
-        soft context c_t (N, 2H))``."""
+        the previous soft ``context`` ``(N, 2H)`` (``None``: zeros), with a jump prior the previous step's log
+        ``posterior`` ``(N, S)`` given its chosen token (``None`` at the start) -> ``(h_t (N, H), state,
+        prior logits (N, S), soft context c_t (N, 2H))``."""
         if context is None:
             context = memory.new_zeros(token.shape[0], self.memory_dim)
-        return self._step(self.dropout(self.tgt_embed(token)), state, context, memory, src_mask)
+        return self._step(self.dropout(self.tgt_embed(token)), state, context, memory, src_mask, posterior)
+
+    def scores(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The content scores :math:`h_t^\top W \tilde x_i` ``(B, T, S)`` of ``hidden`` ``(B, T, H)`` and ``memory``
+        ``(B, S, 2H)``."""
+        return torch.bmm(self.score(hidden), memory.transpose(1, 2))
 
     def prior_logits(self, hidden: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """``log p(z_t = i | x, y_<t)``, shape ``(B, T, S)``, from ``hidden`` ``(B, T, H)`` and ``memory``
-        ``(B, S, 2H)``."""
-        scores = torch.bmm(self.score(hidden), memory.transpose(1, 2))
-        scores = scores.masked_fill(~src_mask[:, None, :], MASKED_LOGIT)
-        return scores.log_softmax(-1)
+        ``(B, S, 2H)`` (content scores alone: no jump prior)."""
+        return self.scores(hidden, memory).masked_fill(~src_mask[:, None, :], MASKED_LOGIT).log_softmax(-1)
+
+    def jump_bias(self, posterior: Optional[torch.Tensor], length: int) -> torch.Tensor:
+        r"""The jump prior's log-term :math:`\log \sum_j p(z_{t-1} = j)\,k(i - j)` ``(N, S)`` for ``length`` = ``S``
+        source positions from the previous step's log ``posterior`` ``(N, S)`` (padded positions at
+        :data:`MASKED_LOGIT` or below), or ``(S,)`` from the virtual start ``j = -1`` when ``posterior`` is
+        ``None``."""
+        width = self.jump_width
+        log_kernel = self.jump_logits.log_softmax(-1)
+        positions = torch.arange(length, device=log_kernel.device)
+        if posterior is None:
+            return log_kernel[(positions + 1).clamp(max=width) + width]
+        jumps = (positions[None, :] - positions[:, None]).clamp(-width, width) + width  # (j, i)
+        return (posterior[:, :, None] + log_kernel[jumps]).logsumexp(1)
+
+    def jump_priors(self, scores: torch.Tensor, log_emission: torch.Tensor, src_mask: torch.Tensor,
+                    tgt_mask: torch.Tensor) -> torch.Tensor:
+        """Prior logits ``(B, T, S)`` with the jump prior, one step at a time from the content ``scores`` and
+        ``log_emission`` ``(B, T, S)`` of the observed targets (each step's posterior feeds the next prior)."""
+        masked = ~src_mask
+        posterior, priors = None, []
+        for t in range(scores.shape[1]):
+            prior = (scores[:, t] + self.jump_bias(posterior, scores.shape[2])).masked_fill(masked, MASKED_LOGIT)
+            prior = prior.log_softmax(-1)
+            priors.append(prior)
+            posterior = (prior + log_emission[:, t]).log_softmax(-1)
+        return torch.stack(priors, 1)
 
     def states(self, src, src_lengths, tgt, tgt_lengths, *, keep: bool = False) -> States:
         """Steps 1-3 for a batch.  ``keep=True`` (a guide) leaves the result for the model's next call on the same
@@ -254,12 +312,18 @@ class AlignmentNet(nn.Module):
         src_mask = torch.arange(src.shape[1]) < src_lengths[:, None]
         tgt_mask = torch.arange(tgt.shape[1]) < tgt_lengths[:, None]
         memory = self.encode(src, src_lengths)
+        log_emission = None
         if self.input_feed:
             hidden, prior_logits = self.decode_fed(tgt, memory, src_mask)
+        elif self.jump_width:
+            hidden = self.decode(tgt)
+            log_emission = emission_table(self.out_hidden(hidden), self.out_memory(memory), self.out, tgt)
+            prior_logits = self.jump_priors(self.scores(hidden, memory), log_emission, src_mask, tgt_mask)
         else:
             hidden = self.decode(tgt)
             prior_logits = self.prior_logits(hidden, memory, src_mask)
-        states = States(memory, hidden, src_mask, tgt_mask, prior_logits)
+        states = States(memory, hidden, src_mask, tgt_mask, prior_logits, log_emission=log_emission,
+                        emission_value=tgt if log_emission is not None else None)
         if keep:
             self._cache = (key, stamp, states)
         return states
@@ -267,7 +331,9 @@ class AlignmentNet(nn.Module):
     # ------------------------------------------------------------------ step 4
     def emission_table(self, states: States, value: torch.Tensor) -> torch.Tensor:
         """``log p(y_t = value_t | z_t = i)`` ``(B, T, S)`` for targets ``value`` ``(B, T)``
-        (:func:`emission_table`)."""
+        (:func:`emission_table`; the one :meth:`states` kept, if any, for the targets it read)."""
+        if states.log_emission is not None and value is states.emission_value:
+            return states.log_emission
         return emission_table(self.out_hidden(states.hidden), self.out_memory(states.memory), self.out, value)
 
     def logits_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -366,6 +432,8 @@ class AlignedCategorical(TorchDistribution):
     :param out: the output layer :math:`O(\cdot) + c` (``nn.Linear(D, V)``).
     :param z: alignments, ``(B, T)`` when sampled, or any shape broadcasting with ``(B, T)`` (e.g. ``(S, 1, 1)``
         when enumerated); batch shape is their broadcast.
+    :param emission: ``(value, table)``: :func:`emission_table` ``(B, T, S)`` already computed for the targets
+        ``value`` (the jump prior's), used when ``log_prob`` gets that very tensor.
 
     ``log_prob`` of one alignment per step is one output layer and log-softmax of ``(B, T, V)`` logits, as for soft
     attention; for enumerated ``z`` it indexes :func:`emission_table` (never a ``(S, B, T, V)`` tensor).
@@ -375,8 +443,9 @@ class AlignedCategorical(TorchDistribution):
     has_enumerate_support = False
 
     def __init__(self, hidden_proj: torch.Tensor, memory_proj: torch.Tensor, out: nn.Linear, z: torch.Tensor,
-                 validate_args=None):
+                 validate_args=None, emission: Optional[tuple] = None):
         self.hidden_proj, self.memory_proj, self.out, self.z = hidden_proj, memory_proj, out, z
+        self.emission = emission
         batch_shape = torch.broadcast_shapes(z.shape, hidden_proj.shape[:-1])
         super().__init__(batch_shape, torch.Size(), validate_args=validate_args)
 
@@ -387,6 +456,7 @@ class AlignedCategorical(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(AlignedCategorical, _instance)
         new.hidden_proj, new.memory_proj, new.out = self.hidden_proj, self.memory_proj, self.out
+        new.emission = self.emission
         new.z = self.z.expand(batch_shape)
         super(AlignedCategorical, new).__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
         return new
@@ -407,7 +477,11 @@ class AlignedCategorical(TorchDistribution):
         if self.z.shape == self.hidden_proj.shape[:-1] and value.shape == self.z.shape:
             logits = self.out(self.hidden_proj + self.memory_proj[rows, self.z])
             return TokenCategorical(logits, validate_args=False).log_prob(value)  # value checked above
-        return Vindex(emission_table(self.hidden_proj, self.memory_proj, self.out, value))[rows, steps, self.z]
+        if self.emission is not None and value is self.emission[0]:
+            table = self.emission[1]
+        else:
+            table = emission_table(self.hidden_proj, self.memory_proj, self.out, value)
+        return Vindex(table)[rows, steps, self.z]
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
@@ -473,8 +547,9 @@ def model(src: torch.Tensor, src_lengths: torch.Tensor, tgt: torch.Tensor, tgt_l
             pyro.factor("y_soft", net.soft_log_lik(states, tgt))
         infer = {"enumerate": "parallel"} if net.variant == "exact" else {}
         z = pyro.sample("z", dist.Categorical(logits=states.prior_logits), infer=infer)
-        pyro.sample("y", AlignedCategorical(net.out_hidden(states.hidden), net.out_memory(states.memory), net.out, z),
-                    obs=tgt)
+        emission = None if states.log_emission is None else (states.emission_value, states.log_emission)
+        pyro.sample("y", AlignedCategorical(net.out_hidden(states.hidden), net.out_memory(states.memory), net.out, z,
+                                            emission=emission), obs=tgt)
 
 
 def log_marginal(net: AlignmentNet, src, src_lengths, tgt, tgt_lengths) -> Dict[str, torch.Tensor]:
@@ -510,10 +585,11 @@ def log_marginal(net: AlignmentNet, src, src_lengths, tgt, tgt_lengths) -> Dict[
 
 def build(src_vocab_size: int = 0, tgt_vocab_size: int = 0, variant: str = "exact", emb_dim: int = 64,
           hidden_dim: int = 128, out_dim: int = 0, dropout: float = 0.0, bos_index: int = 2, input_feed: bool = False,
-          baseline: str = "soft") -> ModelParts:
+          baseline: str = "soft", jump_width: int = 0) -> ModelParts:
     """The declared structure and the network ``net`` (vocabulary sizes come from the data set)."""
     return ModelParts(make_spec(), {"net": AlignmentNet(src_vocab_size, tgt_vocab_size, emb_dim, hidden_dim, variant,
-                                                        bos_index, dropout, out_dim, input_feed, baseline)})
+                                                        bos_index, dropout, out_dim, input_feed, baseline,
+                                                        jump_width)})
 
 
 register_model("alignment", model=model, build=build)

@@ -156,10 +156,12 @@ def test_variational_enum_elbo_below_exact_and_equal_with_the_exact_posterior():
     torch.testing.assert_close(tight, log_marginal(post.modules["net"], *args)["log_lik"].sum(), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("input_feed", [False, True])
+@pytest.mark.parametrize("sizes", [{}, {"input_feed": True}, {"jump_width": 2}], ids=["plain", "input-feed", "jump"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_padding_never_changes_a_sentence_likelihood(variant, input_feed):
-    inst = make(variant, input_feed=input_feed)
+def test_padding_never_changes_a_sentence_likelihood(variant, sizes):
+    if variant == "soft" and "jump_width" in sizes:
+        pytest.skip("the jump prior needs a latent variant")
+    inst = make(variant, **sizes)
     net = inst.modules["net"]
     alone = batch([(3, 2)], gen_seed=5)
     padded = batch([(3, 2), (6, 5)], gen_seed=5)  # same first sentence, padded to S=6, T=6
@@ -173,6 +175,66 @@ def test_padding_never_changes_a_sentence_likelihood(variant, input_feed):
         elbo = TraceEnum_ELBO(max_plate_nesting=2)
         l1 = elbo.differentiable_loss(inst.model, inst.guide, *alone, None)
         torch.testing.assert_close(-l1, one.sum(), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ jump prior
+def test_jump_prior_is_the_hmm_predictive_of_the_previous_posterior():
+    """With the content scores switched off, each prior is sum_j p(z_{t-1} = j | y_<=t-1) k(i - j) normalized over
+    the sentence's positions (a loop over j and i here), from the virtual start j = -1; the exact ELBO is the
+    brute-force sum over every joint alignment."""
+    inst = make("exact", jump_width=2)
+    net = inst.modules["net"]
+    with torch.no_grad():
+        net.score.weight.zero_()
+    args = batch([(4, 3), (3, 2)])
+    out = log_marginal(net, *args)
+    kernel = net.jump_logits.softmax(-1).tolist()
+    k = lambda d: kernel[min(max(d, -2), 2) + 2]  # noqa: E731
+    for b, (S, T) in enumerate(zip(args[1].tolist(), args[3].tolist())):
+        posterior = None
+        for t in range(T):
+            if posterior is None:
+                weights = [k(i + 1) for i in range(S)]
+            else:
+                weights = [sum(posterior[j] * k(i - j) for j in range(S)) for i in range(S)]
+            expected = torch.tensor([w / sum(weights) for w in weights], dtype=torch.float64)
+            torch.testing.assert_close(out["log_prior"][b, t, :S].exp(), expected, rtol=1e-12, atol=0)
+            joint = out["log_prior"][b, t, :S].exp() * out["log_emission"][b, t, :S].exp()
+            posterior = (joint / joint.sum()).tolist()
+    loss = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(inst.model, inst.guide, *args, torch.arange(2),
+                                                                  num_data=2)
+    torch.testing.assert_close(-loss, brute_force_log_lik(inst, args).sum(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["exact", "variational"])
+def test_jump_prior_decoding_steps_reproduce_the_likelihood(variant):
+    """Teacher-forced decoding steps (AlignmentNet.step fed the previous step's posterior, as greedy and beam search
+    feed it) give log p(y_t | x, y_<t) of log_marginal, the training path."""
+    from ppl_models.tasks.translation import _posterior, _step_log_probs
+
+    inst = make(variant, jump_width=3)
+    net = inst.modules["net"].eval()
+    src, src_lengths, tgt, tgt_lengths = batch([(5, 4)], gen_seed=2)
+    expected = log_marginal(net, src, src_lengths, tgt, tgt_lengths)["log_lik"][0]
+    memory = net.encode(src, src_lengths)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    token, state, context, posterior, got = torch.tensor([net.bos_index]), None, None, None, []
+    for t in range(int(tgt_lengths[0])):
+        hidden, state, prior, context = net.step(token, state, context, memory, mask, posterior)
+        log_probs, joint = _step_log_probs(net, memory, hidden, prior, context)
+        token = tgt[:, t]
+        got.append(log_probs[0, token[0]])
+        posterior = _posterior(net, joint, log_probs, torch.arange(1), token)
+    torch.testing.assert_close(torch.stack(got), expected[: int(tgt_lengths[0])], rtol=1e-10, atol=0)
+
+
+def test_jump_prior_rejects_soft_attention_and_input_feeding():
+    for variant, feed in (("soft", False), ("exact", True)):
+        with pytest.raises(ValueError, match=r"jump_width > 0 needs a latent variant without input feeding.*received "
+                                             rf"variant '{variant}' with input_feed = {str(feed).lower()}"):
+            make(variant, jump_width=2, input_feed=feed)
+    with pytest.raises(ValueError, match=r"jump_width must be an integer >= 0, received -1"):
+        make("exact", jump_width=-1)
 
 
 # ---------------------------------------------------------------------------------------------- gradients

@@ -35,12 +35,22 @@ def _eval_batches(dataset, batch_size: int):
 
 def _step_log_probs(net: AlignmentNet, memory, hidden, prior, context):
     """``log p(y_t | x, y_<t)`` ``(N, V)`` from a decoder step (:meth:`AlignmentNet.step`): ``hidden`` ``(N, H)``,
-    ``prior`` logits ``(N, S)``, soft ``context`` ``(N, 2H)``."""
+    ``prior`` logits ``(N, S)``, soft ``context`` ``(N, 2H)``; and for the latent variants the joint
+    ``log p(z_t = i, y_t = v | x, y_<t)`` ``(N, S, V)`` (``None`` for soft)."""
     if net.variant == "soft":
-        return net.out(net.out_hidden(hidden) + net.out_memory(context)).log_softmax(-1)
+        return net.out(net.out_hidden(hidden) + net.out_memory(context)).log_softmax(-1), None
     a = net.logits_hidden(hidden)[:, None, :]  # (N, 1, V)
     b = net.logits_memory(memory)  # (N, S, V)
-    return (prior[..., None] + (a + b).log_softmax(-1)).logsumexp(1)
+    joint = prior[..., None] + (a + b).log_softmax(-1)
+    return joint.logsumexp(1), joint
+
+
+def _posterior(net: AlignmentNet, joint, log_probs, rows, tokens):
+    """With a jump prior, the log posterior ``log p(z_t | x, y_<=t)`` ``(N, S)`` of hypotheses ``rows`` ``(N,)``
+    given their chosen ``tokens`` ``(N,)``, for the next step's prior; ``None`` without one."""
+    if not net.jump_width:
+        return None
+    return joint[rows, :, tokens] - log_probs[rows, tokens][:, None]
 
 
 @torch.no_grad()
@@ -53,12 +63,14 @@ def greedy_decode(net: AlignmentNet, src, src_lengths, max_len: int = 60, eos_in
     src_mask = torch.arange(src.shape[1]) < src_lengths[:, None]
     batch = src.shape[0]
     token = torch.full((batch,), net.bos_index, dtype=torch.long)
-    state = context = None
+    state = context = posterior = None
     out = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
     for _ in range(max_len):
-        hidden, state, prior, context = net.step(token, state, context, memory, src_mask)
-        token = _step_log_probs(net, memory, hidden, prior, context).argmax(-1)
+        hidden, state, prior, context = net.step(token, state, context, memory, src_mask, posterior)
+        log_probs, joint = _step_log_probs(net, memory, hidden, prior, context)
+        token = log_probs.argmax(-1)
+        posterior = _posterior(net, joint, log_probs, torch.arange(batch), token)
         for i in range(batch):
             if not done[i]:
                 if int(token[i]) == eos_index:
@@ -80,16 +92,18 @@ def beam_decode(net: AlignmentNet, src, src_length: int, beam_size: int = 5, max
     src = src[None, :src_length]
     memory = net.encode(src, torch.tensor([src_length]))
     src_mask = torch.ones(1, src_length, dtype=torch.bool)
-    beams = [([], 0.0, None, net.bos_index, None)]  # (tokens, score, decoder state, last token, soft context)
+    # (tokens, score, decoder state, last token, soft context, log posterior of the last step (jump prior))
+    beams = [([], 0.0, None, net.bos_index, None, None)]
     best = None  # (tokens, score) of the best finished hypothesis
     for _ in range(max_len):
         tokens = torch.tensor([b[3] for b in beams])
         states = None if beams[0][2] is None else torch.cat([b[2] for b in beams], dim=1)
         contexts = None if beams[0][4] is None else torch.cat([b[4] for b in beams], dim=0)
+        posteriors = None if beams[0][5] is None else torch.cat([b[5] for b in beams], dim=0)
         k = len(beams)
         mem, mask = memory.expand(k, -1, -1), src_mask.expand(k, -1)
-        hidden, new_state, prior, new_context = net.step(tokens, states, contexts, mem, mask)
-        log_probs = _step_log_probs(net, mem, hidden, prior, new_context)
+        hidden, new_state, prior, new_context = net.step(tokens, states, contexts, mem, mask, posteriors)
+        log_probs, joint = _step_log_probs(net, mem, hidden, prior, new_context)
         scores = torch.tensor([b[1] for b in beams])[:, None] + log_probs
         top, flat = scores.flatten().topk(min(beam_size + 1, scores.numel()))
         candidates = []
@@ -99,7 +113,9 @@ def beam_decode(net: AlignmentNet, src, src_length: int, beam_size: int = 5, max
                 if best is None or score > best[1]:
                     best = (beams[b][0], score)
             elif len(candidates) < beam_size:
-                candidates.append((beams[b][0] + [v], score, new_state[:, b : b + 1], v, new_context[b : b + 1]))
+                posterior = _posterior(net, joint, log_probs, torch.tensor([b]), torch.tensor([v]))
+                candidates.append((beams[b][0] + [v], score, new_state[:, b : b + 1], v, new_context[b : b + 1],
+                                   posterior))
         if not candidates or (best is not None and candidates[0][1] <= best[1]):
             break
         beams = candidates
