@@ -12,7 +12,7 @@ seed, the mean, steps (and the step of the best validation, whose parameters are
 BLEU, and the issue's checks on the means — exact ~ variational-enum <= variational
 < soft < hard, variational within 5 % of variational-enum, hard within 10 % of soft — plus one JSON line.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_alignment.py --table --seeds 0 1 --learned-baseline   # ~4 CPU-h
+    OMP_NUM_THREADS=1 python benchmarks/bench_alignment.py --table --seeds 0 1 --learned-baseline   # ~6 CPU-h
 
 **Step time** (default):
 

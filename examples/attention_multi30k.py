@@ -98,7 +98,7 @@ if __name__ == "__main__":
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all five")
     parser.add_argument("--max-steps", type=int, default=None, help="default: the config's (none: time_limit)")
     parser.add_argument("--num-epochs", type=int, default=None, help="default: the config's (30; time_limit stops first)")
-    parser.add_argument("--time-limit", type=float, default=None, help="training seconds per variant (config: 900 CPU-seconds)")
+    parser.add_argument("--time-limit", type=float, default=None, help="training seconds per variant (config: 1500 CPU-seconds)")
     parser.add_argument("--baseline", default=None, choices=("soft", "learned"),
                         help="score-function baseline of hard and variational (config: soft)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training pairs")

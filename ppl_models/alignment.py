@@ -17,8 +17,8 @@ Generative story, for each sentence pair :math:`(x, y)` with source :math:`x = x
    k(i - j)`, a learned jump kernel :math:`k(d) = \mathrm{softmax}(\kappa)_{\min(\max(d, -D), D)}` applied to the
    previous step's *posterior* (:math:`z_0 = -1`, a virtual start).  That posterior is a function of :math:`x` and
    :math:`y_{<t}`, not of a sampled :math:`z`, so the alignments stay conditionally independent given :math:`x, y`:
-   without the content term the prior is the one-step predictive of Vogel et al.'s HMM aligner, with it a
-   location-aware attention (Chorowski et al. 2015);
+   without the content term the prior is the one-step predictive of Vogel et al.'s HMM aligner (location-aware
+   attention, Chorowski et al. 2015, convolves the previous step's attention weights likewise);
 4. the target token :math:`y_t \sim \mathrm{Categorical}(\mathrm{softmax}(O(A h_t + B \tilde x_{z_t}) + c))`,
    with an output embedding :math:`O` of dimension ``out_dim`` shared by both parts.
 

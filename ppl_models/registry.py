@@ -387,7 +387,7 @@ class Bound(functools.partial):
         self = super().__new__(cls, fn, **modules)
         signature = inspect.signature(fn)
         names = list(signature.parameters)
-        takes = "num_data" in names or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        takes = _takes_num_data(signature.parameters)
         self._idx_position = names.index("idx") if num_data is not None and takes and "idx" in names else None
         self.num_data = num_data
         functools.update_wrapper(self, fn)
@@ -409,6 +409,11 @@ class Bound(functools.partial):
         return (type(self), (self.func, self.keywords, self.num_data))
 
 
+def _takes_num_data(params: Mapping[str, inspect.Parameter]) -> bool:
+    """Whether a signature's ``params`` accept a ``num_data`` keyword (by name or ``**kwargs``)."""
+    return "num_data" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def unscaled(*programs: Callable) -> dict:
     """``{"num_data": None}`` when every program (model, guide) takes ``num_data``, else ``{}``: the keywords that
     score a batch given with its indices unscaled, although a :class:`Bound` program defaults to N / |idx|."""
@@ -417,7 +422,7 @@ def unscaled(*programs: Callable) -> dict:
             params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
             return {}
-        if "num_data" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        if not _takes_num_data(params):
             return {}
     return {"num_data": None}
 

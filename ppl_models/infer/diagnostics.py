@@ -127,6 +127,13 @@ def _sizes(group: str, name: str, array: np.ndarray, dims) -> dict:
     return dict(zip(dims, array.shape))
 
 
+def _check_pointwise(name: str, a: np.ndarray, draws_shape: tuple) -> None:
+    """A pointwise log-likelihood ``a`` must be ``(chain, draw, n)`` with the posterior's ``draws_shape``."""
+    if a.ndim != 3 or a.shape[:2] != tuple(draws_shape):
+        raise ValueError(f"log_likelihood {name!r}: expected shape (chain, draw, n) with the posterior's "
+                         f"(chain, draw) {tuple(draws_shape)}, received {a.shape}")
+
+
 def build_inference_data(
     *,
     posterior: Mapping[str, np.ndarray] | None = None,
@@ -175,9 +182,7 @@ def build_inference_data(
             raise ValueError(f"log_likelihood {name!r}: pointwise log-likelihoods are of posterior draws (az.loo "
                              "reads them as such); received no posterior. Per-datapoint estimates that are not "
                              f"draws belong to the {VI_EVALUATION!r} group")
-        if a.ndim != 3 or a.shape[:2] != draws_shape:
-            raise ValueError(f"log_likelihood {name!r}: expected shape (chain, draw, n) with the posterior's "
-                             f"(chain, draw) {draws_shape}, received {a.shape}")
+        _check_pointwise(name, a, draws_shape)
         dims[f"log_likelihood/{name}"] = [DATAPOINT_DIM]
     sizes: dict = {}
     for group in ("observed_data", VI_EVALUATION, VI_TRAINING):
@@ -304,9 +309,7 @@ def add_log_likelihood(idata: az.InferenceData, log_likelihood: Mapping[str, np.
     groups = {}
     for name, a in log_likelihood.items():
         a = np.asarray(a)
-        if a.ndim != 3 or a.shape[:2] != draws_shape:
-            raise ValueError(f"log_likelihood {name!r}: expected shape (chains, draws, n) with the posterior's "
-                             f"(chain, draw) {draws_shape}, received {a.shape}")
+        _check_pointwise(name, a, draws_shape)
         if "observed_data" in idata.groups() and name in idata.observed_data:
             n = idata.observed_data.sizes.get(DATAPOINT_DIM)
             if n != a.shape[-1]:
