@@ -286,8 +286,7 @@ class AlignmentNet(nn.Module):
         jumps = (positions[None, :] - positions[:, None]).clamp(-width, width) + width  # (j, i)
         return (posterior[:, :, None] + log_kernel[jumps]).logsumexp(1)
 
-    def jump_priors(self, scores: torch.Tensor, log_emission: torch.Tensor, src_mask: torch.Tensor,
-                    tgt_mask: torch.Tensor) -> torch.Tensor:
+    def jump_priors(self, scores: torch.Tensor, log_emission: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """Prior logits ``(B, T, S)`` with the jump prior, one step at a time from the content ``scores`` and
         ``log_emission`` ``(B, T, S)`` of the observed targets (each step's posterior feeds the next prior)."""
         masked = ~src_mask
@@ -318,7 +317,7 @@ class AlignmentNet(nn.Module):
         elif self.jump_width:
             hidden = self.decode(tgt)
             log_emission = emission_table(self.out_hidden(hidden), self.out_memory(memory), self.out, tgt)
-            prior_logits = self.jump_priors(self.scores(hidden, memory), log_emission, src_mask, tgt_mask)
+            prior_logits = self.jump_priors(self.scores(hidden, memory), log_emission, src_mask)
         else:
             hidden = self.decode(tgt)
             prior_logits = self.prior_logits(hidden, memory, src_mask)
