@@ -36,6 +36,14 @@ class FakeClock:
         return self.now
 
 
+#: the budget of the trainer tests, in seconds of an injected FakeClock (each step moves it; no wall time is read)
+FAKE_BUDGET = 10.0
+#: the resumed run's budget, fake seconds likewise (12 steps of 0.5 s)
+RESUME_BUDGET = 6.0
+#: a budget that the config test only parses (nothing is trained against it)
+PARSED_BUDGET = 60
+
+
 def on_fake_clock(elapsed, budget):
     """The time arguments of a schedule (``seconds``, ``time_limit``) read from a :class:`RunClock` on a
     :class:`FakeClock` moved ``elapsed`` fake seconds past the first step, with a budget of ``budget`` fake
@@ -147,7 +155,7 @@ def test_config_keys_are_validated_and_reach_the_trainer(tmp_path):
     with pytest.raises(ConfigError, match=r"\[train\] unknown budget_clock 'process'; .*cpu, wall"):
         Config.from_dict({"train": {"budget_clock": "process"}})
     config = Config.from_dict({"train": {"lr_schedule": "step", "warmup": 100, "lr_final": 1e-4, "valid_subset": 50,
-                                         "valid_every": 7, "time_limit": 60,
+                                         "valid_every": 7, "time_limit": PARSED_BUDGET,
                                          "budget_clock": "cpu"}})
     assert Config.from_dict({}).train.fast_path == "auto" and Config.from_dict({}).train.valid_subset == 2000
     pyro.clear_param_store()
@@ -155,7 +163,7 @@ def test_config_keys_are_validated_and_reach_the_trainer(tmp_path):
                           guide_kwargs={"hidden_dims": [8]})
     trainer = Experiment(config, tmp_path).trainer({"train": pixels(), "valid": pixels()}, inst)
     assert (trainer.lr_schedule, trainer.warmup, trainer.lr_final) == ("step", 100.0, 1e-4)
-    assert (trainer.valid_subset, trainer.valid_every, trainer.time_limit, trainer.budget_clock) == (50, 7, 60.0, "cpu")
+    assert (trainer.valid_subset, trainer.valid_every, trainer.time_limit, trainer.budget_clock) == (50, 7, float(PARSED_BUDGET), "cpu")
 
 
 # ----------------------------------------------------------------------------------- through the engine
@@ -213,7 +221,7 @@ def test_history_records_the_scheduled_lr():
 def test_time_budget_starts_at_the_first_step_and_drives_the_schedule():
     """A fake clock: set-up takes 30 s, each step 0.5 s; a 10 s budget is 20 steps, the cosine runs on t / T."""
     clock = FakeClock()
-    trainer = vae_trainer(fast_path=False, num_epochs=10**6, time_limit=10.0, lr_schedule="cosine", clock=clock,
+    trainer = vae_trainer(fast_path=False, num_epochs=10**6, time_limit=FAKE_BUDGET, lr_schedule="cosine", clock=clock,
                           callback=lambda trainer, step, loss: setattr(clock, "now", clock.now + 0.5))
     setup = trainer._setup
 
@@ -242,7 +250,7 @@ def test_cpu_budget_counts_the_process_clock_not_the_wall(monkeypatch):
         wall.now += 2.0
         cpu.now += 0.5
 
-    trainer = vae_trainer(fast_path=False, num_epochs=10**6, time_limit=10.0, clock=wall, callback=tick,
+    trainer = vae_trainer(fast_path=False, num_epochs=10**6, time_limit=FAKE_BUDGET, clock=wall, callback=tick,
                           budget_clock="cpu", setup_start=wall.now - 3.0)
     result = trainer.fit()
     assert result.step == 20 and result.train_seconds == 10.0
@@ -291,7 +299,7 @@ def test_resume_of_a_time_based_schedule_continues_its_clock(tmp_path):
             if step == interrupt_at:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        trainer = vae_trainer(run_dir=run_dir, fast_path=False, num_epochs=10**6, time_limit=6.0,
+        trainer = vae_trainer(run_dir=run_dir, fast_path=False, num_epochs=10**6, time_limit=RESUME_BUDGET,
                               lr_schedule="cosine", warmup=0.2, clock=clock, callback=tick)
         return trainer, trainer.fit(resume=resume)
 

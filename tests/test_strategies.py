@@ -37,6 +37,9 @@ from torch.distributions import MultivariateNormal, kl_divergence
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: a budget in seconds of an injected fake clock (callbacks move it; no wall time is read)
+FAKE_BUDGET = 40.0
+
 def conjugate_problem(num_data=8, z_dim=2, x_dim=4, seed=0):
     inst = pm.instantiate("linear-gaussian", None, num_data=None, model_kwargs={"z_dim": z_dim, "x_dim": x_dim})
     params = inst.modules["params"]
@@ -137,7 +140,7 @@ def test_a_time_limit_stops_at_the_step_where_the_clock_passes_it():
     def three_seconds_a_step(trainer, step, loss):
         now[0] += 3.0
 
-    trainer = Trainer(inst.model, inst.guide, TensorDataset(x), batch_size=8, num_epochs=100, time_limit=40.0,
+    trainer = Trainer(inst.model, inst.guide, TensorDataset(x), batch_size=8, num_epochs=100, time_limit=FAKE_BUDGET,
                       clock=lambda: now[0], callback=three_seconds_a_step, progress=False)
     result = trainer.fit()
     assert (result.step, result.epoch, trainer.batch_in_epoch) == (14, 1, 6)
@@ -145,7 +148,7 @@ def test_a_time_limit_stops_at_the_step_where_the_clock_passes_it():
     # max_steps, the budget in steps, wins when it comes first.
     pyro.clear_param_store()
     inst, x = small_vae()
-    trainer = Trainer(inst.model, inst.guide, TensorDataset(x), batch_size=8, num_epochs=100, time_limit=40.0,
+    trainer = Trainer(inst.model, inst.guide, TensorDataset(x), batch_size=8, num_epochs=100, time_limit=FAKE_BUDGET,
                       max_steps=5, clock=lambda: now[0], callback=three_seconds_a_step, progress=False)
     assert trainer.fit().step == 5
 
