@@ -249,8 +249,8 @@ class AlignmentNet(nn.Module):
         h = self.dropout(out[:, 0])
         scores = self.scores(h[:, None, :], memory)[:, 0]
         if self.jump_width:
-            scores = scores + self.jump_bias(posterior, memory.shape[1])
-        prior = scores.masked_fill(~src_mask, MASKED_LOGIT).log_softmax(-1)
+            scores = scores + self.jump_bias(posterior, self.jump_kernel(memory.shape[1]))
+        prior = _normalized(scores, src_mask)
         return h, state, prior, torch.bmm(prior.exp()[:, None, :], memory)[:, 0]
 
     def step(self, token: torch.Tensor, state, context: Optional[torch.Tensor], memory: torch.Tensor,
@@ -271,29 +271,34 @@ class AlignmentNet(nn.Module):
     def prior_logits(self, hidden: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """``log p(z_t = i | x, y_<t)``, shape ``(B, T, S)``, from ``hidden`` ``(B, T, H)`` and ``memory``
         ``(B, S, 2H)`` (content scores alone: no jump prior)."""
-        return self.scores(hidden, memory).masked_fill(~src_mask[:, None, :], MASKED_LOGIT).log_softmax(-1)
+        return _normalized(self.scores(hidden, memory), src_mask[:, None, :])
 
-    def jump_bias(self, posterior: Optional[torch.Tensor], length: int) -> torch.Tensor:
-        r"""The jump prior's log-term :math:`\log \sum_j p(z_{t-1} = j)\,k(i - j)` ``(N, S)`` for ``length`` = ``S``
-        source positions from the previous step's log ``posterior`` ``(N, S)`` (padded positions at
-        :data:`MASKED_LOGIT` or below), or ``(S,)`` from the virtual start ``j = -1`` when ``posterior`` is
-        ``None``."""
+    def jump_kernel(self, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``log k(i - j)`` for ``length`` = ``S`` source positions: from the virtual start ``j = -1`` ``(S,)``
+        and between positions ``(S, S)`` (rows ``j``, columns ``i``)."""
         width = self.jump_width
         log_kernel = self.jump_logits.log_softmax(-1)
         positions = torch.arange(length, device=log_kernel.device)
+        jumps = (positions[None, :] - positions[:, None]).clamp(-width, width) + width
+        return log_kernel[(positions + 1).clamp(max=width) + width], log_kernel[jumps]
+
+    @staticmethod
+    def jump_bias(posterior: Optional[torch.Tensor], kernel: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        r"""The jump prior's log-term :math:`\log \sum_j p(z_{t-1} = j)\,k(i - j)` ``(N, S)`` from the previous
+        step's log ``posterior`` ``(N, S)`` (padded positions at :data:`MASKED_LOGIT` or below), or ``(S,)`` from
+        the virtual start when ``posterior`` is ``None``; ``kernel``: :meth:`jump_kernel`."""
+        start, between = kernel
         if posterior is None:
-            return log_kernel[(positions + 1).clamp(max=width) + width]
-        jumps = (positions[None, :] - positions[:, None]).clamp(-width, width) + width  # (j, i)
-        return (posterior[:, :, None] + log_kernel[jumps]).logsumexp(1)
+            return start
+        return (posterior[:, :, None] + between).logsumexp(1)
 
     def jump_priors(self, scores: torch.Tensor, log_emission: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """Prior logits ``(B, T, S)`` with the jump prior, one step at a time from the content ``scores`` and
         ``log_emission`` ``(B, T, S)`` of the observed targets (each step's posterior feeds the next prior)."""
-        masked = ~src_mask
+        kernel = self.jump_kernel(scores.shape[2])  # once per batch
         posterior, priors = None, []
         for t in range(scores.shape[1]):
-            prior = (scores[:, t] + self.jump_bias(posterior, scores.shape[2])).masked_fill(masked, MASKED_LOGIT)
-            prior = prior.log_softmax(-1)
+            prior = _normalized(scores[:, t] + self.jump_bias(posterior, kernel), src_mask)
             priors.append(prior)
             posterior = (prior + log_emission[:, t]).log_softmax(-1)
         return torch.stack(priors, 1)
@@ -354,6 +359,12 @@ class AlignmentNet(nn.Module):
         if states.soft_log_lik is None:
             states.soft_log_lik = TokenCategorical(self.soft_logits(states), validate_args=False).log_prob(tgt)
         return states.soft_log_lik
+
+
+def _normalized(scores: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    """Prior logits from alignment ``scores``: padded source positions (``src_mask`` False, broadcast) at
+    :data:`MASKED_LOGIT`, then normalized over the last dimension."""
+    return scores.masked_fill(~src_mask, MASKED_LOGIT).log_softmax(-1)
 
 
 def emission_table(hidden_proj: torch.Tensor, memory_proj: torch.Tensor, out: nn.Linear,
