@@ -74,9 +74,8 @@ References:
     Luong, Pham & Manning (2015), Effective Approaches to Attention-based Neural Machine Translation (input feeding).
     Xu et al. (2015), Show, Attend and Tell (hard attention with REINFORCE).
     Mnih & Gregor (2014), Neural Variational Inference and Learning in Belief Networks (learned baselines).
-    Vogel, Ney & Tillmann (1996), HMM-Based Word Alignment in Statistical Translation (jumps).
-    Chorowski, Bahdanau, Serdyuk, Cho & Bengio (2015), Attention-Based Models for Speech Recognition
-    (location-aware attention).
+    Vogel, Ney & Tillmann (1996), HMM-Based Word Alignment in Statistical Translation (jumps); Chorowski et al.
+    (2015), Attention-Based Models for Speech Recognition (location-aware attention).
     Pyro tutorials: "Inference with Discrete Latent Variables" (TraceEnum_ELBO), "SVI Part III" (TraceGraph_ELBO).
 """
 
@@ -287,10 +286,7 @@ class AlignmentNet(nn.Module):
         r"""The jump prior's log-term :math:`\log \sum_j p(z_{t-1} = j)\,k(i - j)` ``(N, S)`` from the previous
         step's log ``posterior`` ``(N, S)`` (padded positions at :data:`MASKED_LOGIT` or below), or ``(S,)`` from
         the virtual start when ``posterior`` is ``None``; ``kernel``: :meth:`jump_kernel`."""
-        start, between = kernel
-        if posterior is None:
-            return start
-        return (posterior[:, :, None] + between).logsumexp(1)
+        return kernel[0] if posterior is None else (posterior[:, :, None] + kernel[1]).logsumexp(1)
 
     def jump_priors(self, scores: torch.Tensor, log_emission: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """Prior logits ``(B, T, S)`` with the jump prior, one step at a time from the content ``scores`` and
@@ -316,7 +312,7 @@ class AlignmentNet(nn.Module):
         src_mask = torch.arange(src.shape[1]) < src_lengths[:, None]
         tgt_mask = torch.arange(tgt.shape[1]) < tgt_lengths[:, None]
         memory = self.encode(src, src_lengths)
-        log_emission = None
+        log_emission = None  # kept for the jump prior's recursion
         if self.input_feed:
             hidden, prior_logits = self.decode_fed(tgt, memory, src_mask)
         elif self.jump_width:
@@ -326,8 +322,7 @@ class AlignmentNet(nn.Module):
         else:
             hidden = self.decode(tgt)
             prior_logits = self.prior_logits(hidden, memory, src_mask)
-        states = States(memory, hidden, src_mask, tgt_mask, prior_logits, log_emission=log_emission,
-                        emission_value=tgt if log_emission is not None else None)
+        states = States(memory, hidden, src_mask, tgt_mask, prior_logits, None, log_emission, tgt)
         if keep:
             self._cache = (key, stamp, states)
         return states
